@@ -1,0 +1,220 @@
+"""Typed, validated configuration loaded from YAML profiles.
+
+A profile is a YAML file (``spo_core/profiles/<name>.yaml`` or any path). Values can be overridden
+with dotted ``key=value`` strings (``sampler.k=8``). Unknown keys and bad values raise
+:class:`ConfigError` naming the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """The base diffusion model (the policy's frozen backbone and the reference)."""
+
+    # A hub id, a local diffusers pipeline directory, or "tiny:sd15" / "tiny:sdxl" (random tiny config).
+    pretrained: str
+    kind: Literal["sd15", "sdxl"] = "sd15"
+    vae: str | None = None  # optional separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    resolution: int | None = Field(default=None, gt=0)  # None: the UNet's native sample size
+    local_files_only: bool = False
+
+
+class SamplerConfig(Strict):
+    num_steps: int = Field(default=20, ge=2)
+    guidance_scale: float = Field(default=5.0, ge=0.0)
+    eta: float = Field(default=1.0, ge=0.0)
+    # Branch (k candidates per step) at every step whose next timestep is below kappa: with 20 steps,
+    # kappa=750 branches from t=751 (step index 4) as the reference code does; 1000 branches everywhere.
+    kappa: int = Field(default=750, ge=0, le=1000)
+    k: int = Field(default=4, ge=2)
+    # Transitions per segment: 1 is single-step SPO; j > 1 is the multi-step (SDXL) variant.
+    inner_steps: int = Field(default=1, ge=1)
+    threshold: float = Field(default=0.3, ge=0.0, lt=1.0)
+    resampler: Literal["random", "win", "lose", "none"] = "random"
+    pair: Literal["best_worst", "random"] = "best_worst"
+
+
+class LoraConfig(Strict):
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = None  # None: alpha = rank
+    init: Literal["gaussian", "default"] = "gaussian"
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(default=6e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)  # None disables clipping
+
+
+class SPOLossConfig(Strict):
+    beta: float = Field(default=10.0, gt=0)
+    eps: float = Field(default=0.1, gt=0, lt=1)
+
+
+class TrainConfig(Strict):
+    rounds: int = Field(default=10, ge=1)
+    prompts_per_round: int = Field(default=10, ge=1)  # per process
+    train_batch_size: int = Field(default=8, ge=1)  # pairs per micro-batch
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    epochs_per_round: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=1, ge=1)  # rounds
+    keep_checkpoints: int = Field(default=2, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    output_dir: str = "artifacts/spo"
+    save_merged: bool = False
+    export_kohya: bool = True
+
+
+class ScorerConfig(Strict):
+    """Which preference model scores candidates during SPO sampling (see spo_core.scorers)."""
+
+    name: str = "brightness"
+    path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PromptsConfig(Strict):
+    """Where training prompts come from (see spo_core.data.prompts)."""
+
+    source: Literal["list", "text", "spo_json", "partiprompts", "toy", "pickapic"] = "list"
+    path: str | None = None
+    prompts: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromptsConfig":
+        if self.source == "list" and not self.prompts:
+            raise ValueError("prompts.source is 'list' but prompts.prompts is empty: give a list of prompts or another source")
+        if self.source in {"text", "spo_json", "partiprompts"} and not self.path:
+            raise ValueError(f"prompts.source '{self.source}' needs prompts.path (a file)")
+        return self
+
+
+class SPOConfig(Strict):
+    """Everything the SPO trainer needs."""
+
+    model: ModelConfig
+    sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: SPOLossConfig = SPOLossConfig()
+    train: TrainConfig = TrainConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    prompts: PromptsConfig
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler_ok(cls, v: SamplerConfig) -> SamplerConfig:
+        if v.inner_steps > v.num_steps:
+            raise ValueError(f"sampler.inner_steps={v.inner_steps} exceeds sampler.num_steps={v.num_steps}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{loc}': remove it or check its spelling")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def read_profile(profile: str | Path) -> dict[str, Any]:
+    """Return the raw mapping of a profile name or a YAML path."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{profile}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown profile '{profile}': choose one of {available_profiles()} or pass a YAML file path"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (numbers, lists, null)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override '{item}' has an empty key")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def validate_section(cls: type[BaseModel], data: Any, source: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_section(profile: str | Path, section: str, cls: type[BaseModel], overrides: list[str] | None = None) -> Any:
+    """Load one top-level section of a profile (e.g. ``train_spo``) into ``cls``.
+
+    Overrides are relative to the section (``sampler.k=8``).
+    """
+    raw = read_profile(profile)
+    if section not in raw:
+        raise ConfigError(f"profile '{profile}' has no section '{section}'; it has {sorted(raw)}")
+    data = apply_overrides(raw[section] or {}, overrides)
+    return validate_section(cls, data, f"profile '{profile}' section '{section}'")
+
+
+def load_spo_config(profile: str | Path, overrides: list[str] | None = None) -> SPOConfig:
+    return load_section(profile, "train_spo", SPOConfig, overrides)
