@@ -91,6 +91,7 @@ class TrainConfig(Strict):
     output_dir: str = "artifacts/spo"
     save_merged: bool = False
     export_kohya: bool = True
+    resume: bool = False  # continue from the last checkpoint in output_dir/checkpoints
 
 
 class ScorerConfig(Strict):
@@ -108,6 +109,7 @@ class PromptsConfig(Strict):
     path: str | None = None
     prompts: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
+    category: str | None = None  # PartiPrompts category filter
 
     @model_validator(mode="after")
     def _check(self) -> "PromptsConfig":
@@ -116,6 +118,16 @@ class PromptsConfig(Strict):
         if self.source in {"text", "spo_json", "partiprompts"} and not self.path:
             raise ValueError(f"prompts.source '{self.source}' needs prompts.path (a file)")
         return self
+
+
+class MonitorConfig(Strict):
+    """Optional per-round evaluation (e.g. the toy world's ground-truth reward) for training curves."""
+
+    scorer: ScorerConfig | None = None
+    prompts: PromptsConfig | None = None
+    num_prompts: int = Field(default=32, ge=1)
+    every: int = Field(default=5, ge=1)  # rounds
+    seed: int = 1234
 
 
 class SPOConfig(Strict):
@@ -129,6 +141,8 @@ class SPOConfig(Strict):
     train: TrainConfig = TrainConfig()
     scorer: ScorerConfig = ScorerConfig()
     prompts: PromptsConfig
+    monitor: MonitorConfig = MonitorConfig()
+    device: str = "auto"
 
     @field_validator("sampler")
     @classmethod
