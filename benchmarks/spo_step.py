@@ -23,7 +23,7 @@ from spo_core.config import load_spo_config  # noqa: E402
 from spo_core.methods.spo import SPOMethod  # noqa: E402
 from spo_core.models.diffusion import load_policy  # noqa: E402
 from spo_core.scorers.base import build_scorer  # noqa: E402
-from spo_core.stages.train_spo import prompts_from  # noqa: E402
+from spo_core.stages.trainer_stage import prompts_from  # noqa: E402
 from spo_core.training import train_rounds  # noqa: E402
 
 

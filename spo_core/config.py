@@ -38,10 +38,17 @@ class ModelConfig(Strict):
     local_files_only: bool = False
 
 
-class SamplerConfig(Strict):
+class SamplingConfig(Strict):
+    """Plain DDIM sampling (the paper's protocol: 20 steps, CFG 5.0, eta 1)."""
+
     num_steps: int = Field(default=20, ge=2)
     guidance_scale: float = Field(default=5.0, ge=0.0)
     eta: float = Field(default=1.0, ge=0.0)
+
+
+class SamplerConfig(SamplingConfig):
+    """The SPO step-wise branching sampler."""
+
     # Branch (k candidates per step) at every step whose next timestep is below kappa: with 20 steps,
     # kappa=750 branches from t=751 (step index 4) as the reference code does; 1000 branches everywhere.
     kappa: int = Field(default=750, ge=0, le=1000)
@@ -130,19 +137,24 @@ class MonitorConfig(Strict):
     seed: int = 1234
 
 
-class SPOConfig(Strict):
-    """Everything the SPO trainer needs."""
+class TrainerBaseConfig(Strict):
+    """What every LoRA trainer (SPO and its baselines) shares."""
 
     model: ModelConfig
-    sampler: SamplerConfig = SamplerConfig()
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig()
-    loss: SPOLossConfig = SPOLossConfig()
     train: TrainConfig = TrainConfig()
     scorer: ScorerConfig = ScorerConfig()
     prompts: PromptsConfig
     monitor: MonitorConfig = MonitorConfig()
     device: str = "auto"
+
+
+class SPOConfig(TrainerBaseConfig):
+    """Everything the SPO trainer needs."""
+
+    sampler: SamplerConfig = SamplerConfig()
+    loss: SPOLossConfig = SPOLossConfig()
 
     @field_validator("sampler")
     @classmethod
@@ -150,6 +162,35 @@ class SPOConfig(Strict):
         if v.inner_steps > v.num_steps:
             raise ValueError(f"sampler.inner_steps={v.inner_steps} exceeds sampler.num_steps={v.num_steps}")
         return v
+
+
+class D3POConfig(TrainerBaseConfig):
+    """D3PO: two full trajectories from one x_T; the final-image label applies to every step."""
+
+    sampler: SamplingConfig = SamplingConfig()
+    loss: SPOLossConfig = SPOLossConfig(beta=0.1)
+    threshold: float = Field(default=0.0, ge=0.0, lt=1.0)  # same pair filter as SPO; 0 keeps all
+
+
+class DDPOConfig(TrainerBaseConfig):
+    """DDPO: PPO on full trajectories with per-prompt normalised rewards."""
+
+    sampler: SamplingConfig = SamplingConfig()
+    samples_per_prompt: int = Field(default=4, ge=2)
+    clip_range: float = Field(default=1e-4, gt=0)
+    adv_clip: float = Field(default=5.0, gt=0)
+
+
+class DiffusionDPOConfig(TrainerBaseConfig):
+    """Diffusion-DPO: offline pairs from a Pick-a-Pic-schema preference dataset (ties dropped).
+
+    ``train.prompts_per_round`` is the number of pairs per round; ``prompts``/``scorer`` are unused
+    for training but ``prompts`` feeds the optional monitor.
+    """
+
+    dataset: str  # parquet file or folder of shards
+    beta: float = Field(default=5000.0, gt=0)
+    sampler: SamplingConfig = SamplingConfig()  # for the monitor only
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class RoundContext:
     policy: DiffusionPolicy
     round: int
     prompts: list[str]
-    cond: Conditioning
+    cond: Conditioning | None  # None for offline methods
     generator: torch.Generator  # CPU generator for this round and process
     accelerator: Any
 
@@ -128,7 +128,7 @@ def _load_lora_into(policy: DiffusionPolicy, lora: dict[str, torch.Tensor], path
 def train_rounds(
     policy: DiffusionPolicy,
     method: Method,
-    prompts: list[str],
+    prompts: list[str] | None,
     lora_cfg: LoraConfig,
     optim_cfg: OptimConfig,
     train_cfg: TrainConfig,
@@ -139,7 +139,8 @@ def train_rounds(
 ) -> dict[str, Any]:
     """Train a LoRA on ``policy`` with ``method`` for ``train_cfg.rounds`` rounds.
 
-    Returns the final metrics and the per-round history; writes the LoRA to
+    ``prompts`` is the prompt set rounds draw from (None for offline methods that bring their own
+    data). Returns the final metrics and the per-round history; writes the LoRA to
     ``train_cfg.output_dir/lora`` and checkpoints to ``train_cfg.output_dir/checkpoints``.
     """
     from accelerate import Accelerator
@@ -172,10 +173,13 @@ def train_rounds(
                initial=start, total=train_cfg.rounds)
     for r in bar:
         t0 = time.perf_counter()
-        rp = prompts_for_round(prompts, train_cfg.prompts_per_round, r, train_cfg.seed, acc.process_index, acc.num_processes)
         gen = torch.Generator().manual_seed(round_seed(train_cfg.seed, r, acc.process_index))
         policy.unet.eval()
-        ctx = RoundContext(policy, r, rp, policy.encode_prompts(rp), gen, acc)
+        if prompts is None:  # offline methods draw their own data
+            ctx = RoundContext(policy, r, [], None, gen, acc)
+        else:
+            rp = prompts_for_round(prompts, train_cfg.prompts_per_round, r, train_cfg.seed, acc.process_index, acc.num_processes)
+            ctx = RoundContext(policy, r, rp, policy.encode_prompts(rp), gen, acc)
         data, metrics = method.collect(ctx)
         t_sample = time.perf_counter() - t0
         policy.unet.train()

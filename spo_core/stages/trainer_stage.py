@@ -1,0 +1,79 @@
+"""The body shared by every training stage (SPO and its baselines): load, train, record.
+
+Each ``train_*`` stage module only builds its method; loading the policy, prompts, scorer and
+monitor, running the shared loop, writing the training curve and summarising happen here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from .. import tracking
+from ..config import MonitorConfig, PromptsConfig, TrainerBaseConfig
+from ..data.prompts import load_prompts
+from ..models.diffusion import DiffusionPolicy, load_policy
+from ..sampling import sample_images
+from ..scorers.base import Scorer, build_scorer
+from ..training import Method, train_rounds
+from ..utils import atomic_file, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def prompts_from(cfg: PromptsConfig) -> list[str]:
+    return load_prompts(**cfg.model_dump())
+
+
+def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, device):
+    """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured)."""
+    if mon.scorer is None or mon.prompts is None:
+        return None
+    scorer = build_scorer(mon.scorer.name, mon.scorer.path, device, **mon.scorer.options)
+    prompts = prompts_from(mon.prompts)[: mon.num_prompts]
+    seeds = [mon.seed + i for i in range(len(prompts))]
+
+    def callback(round_idx: int, policy: DiffusionPolicy, force: bool = False) -> dict[str, float]:
+        if not force and round_idx % mon.every != mon.every - 1:
+            return {}
+        imgs = sample_images(policy, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale)
+        return {f"monitor_{scorer.name}": float(scorer.score(imgs, prompts).float().mean())}
+
+    return callback
+
+
+def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[DiffusionPolicy, Scorer | None], Method],
+                 offline: bool = False, needs_scorer: bool = True) -> dict:
+    """Train a LoRA with the method ``make_method(policy, scorer)`` builds; return summary metrics."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.device)
+    policy = load_policy(cfg.model, device)
+    scorer = build_scorer(cfg.scorer.name, cfg.scorer.path, device, **cfg.scorer.options) if needs_scorer else None
+    method = make_method(policy, scorer)
+    sampler = getattr(cfg, "sampler")
+    monitor = make_monitor(cfg.monitor, sampler.num_steps, sampler.guidance_scale, device)
+    start = monitor(-1, policy, force=True) if monitor is not None and not cfg.train.resume else {}
+    res = train_rounds(policy, method, None if offline else prompts_from(cfg.prompts), cfg.lora, cfg.optim, cfg.train,
+                       resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r))
+    hist = res["history"]
+    curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
+    with atomic_file(Path("metrics") / f"{stage}_curve.json", "w") as fh:
+        json.dump(curve, fh, indent=1)
+    tracking.log_artifact(res["lora_dir"], "lora")
+    last = hist[-1] if hist else {}
+    out = {
+        "rounds": len(hist),
+        "final_loss": last.get("loss", float("nan")),
+        "total_unet_evals": last.get("cumulative_unet_evals", 0),
+        "seconds_per_round": sum(h["seconds"] for h in hist) / max(len(hist), 1),
+    }
+    if any("keep_fraction" in h for h in hist):
+        out["mean_keep_fraction"] = sum(h.get("keep_fraction", 0) for h in hist) / len(hist)
+    for k, v in start.items():
+        out[f"{k}_start"] = v
+    mon = [h for h in hist if any(k.startswith("monitor_") for k in h)]
+    if mon:
+        out.update({f"{k}_end": v for k, v in mon[-1].items() if k.startswith("monitor_")})
+    return out
