@@ -91,6 +91,28 @@ def _full(v: int | torch.Tensor, n: int, device) -> torch.Tensor:
     return torch.full((n,), int(v), dtype=torch.long, device=device)
 
 
+class RowRNG:
+    """One CPU generator per prompt, so that a prompt's samples do not depend on which other
+    prompts share its batch or process (several processes reproduce a single-process run)."""
+
+    def __init__(self, seeds: list[int]):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def randn(self, rows: torch.Tensor, shape: tuple[int, ...], device=None, dtype=None) -> torch.Tensor:
+        out = torch.stack([torch.randn(shape, generator=self.gens[r]) for r in rows.tolist()])
+        return out.to(device=device, dtype=dtype)
+
+    def randint(self, rows: torch.Tensor, high: int) -> torch.Tensor:
+        return torch.tensor([int(torch.randint(0, high, (1,), generator=self.gens[r])) for r in rows.tolist()], dtype=torch.long)
+
+    def two_of(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """Two distinct indices in [0, k) per row, shape (len(rows), 2)."""
+        return torch.stack([torch.randperm(k, generator=self.gens[r])[:2] for r in rows.tolist()])
+
+
 # ------------------------------------------------------------------------------ plain sampling
 
 
@@ -140,17 +162,18 @@ class Trajectories:
 
 
 @torch.no_grad()
-def sample_trajectories(policy: DiffusionPolicy, cond: Conditioning, generator: torch.Generator, num_steps: int = 20,
+def sample_trajectories(policy: DiffusionPolicy, cond: Conditioning, rng: RowRNG, rows: torch.Tensor, num_steps: int = 20,
                         guidance_scale: float = 5.0, eta: float = 1.0, x_T: torch.Tensor | None = None) -> Trajectories:
+    """Whole trajectories for the rows of ``cond``; ``rows[i]`` names the RowRNG stream of row i."""
     ts, prevs = step_timesteps(policy, num_steps)
     n = len(cond)
     shape = policy.latent_shape
-    x = x_T if x_T is not None else torch.randn((n, *shape), generator=generator).to(policy.device, policy.dtype)
+    x = x_T if x_T is not None else rng.randn(rows, shape, policy.device, policy.dtype)
     lat, lps = [x], []
     for i in range(num_steps):
         t, pt = _full(ts[i], n, x.device), _full(prevs[i], n, x.device)
         eps = policy.guided_eps(x, t, cond, guidance_scale)
-        z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        z = rng.randn(rows, shape, x.device, x.dtype)
         x, lp, _, _ = policy_step(policy, x, eps, t, pt, eta, noise=z)
         lat.append(x)
         lps.append(lp)
@@ -213,22 +236,22 @@ def keep_pair(s_w: torch.Tensor, s_l: torch.Tensor, threshold: float) -> torch.T
     return (p[..., 0] - p[..., 1]) > threshold
 
 
-def choose_pair(scores: torch.Tensor, mode: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(win, lose) candidate indices per row of ``scores`` (P, k)."""
+def choose_pair(scores: torch.Tensor, mode: str, rng: RowRNG) -> tuple[torch.Tensor, torch.Tensor]:
+    """(win, lose) candidate indices per row of ``scores`` (P, k), row p drawing from stream p."""
     if mode == "best_worst":
         return scores.argmax(-1), scores.argmin(-1)
     if mode == "random":
         p, k = scores.shape
-        perm = torch.stack([torch.randperm(k, generator=generator)[:2] for _ in range(p)]).to(scores.device)
+        perm = rng.two_of(torch.arange(p), k).to(scores.device)
         a, b = perm[:, 0], perm[:, 1]
         sa, sb = scores.gather(1, a[:, None])[:, 0], scores.gather(1, b[:, None])[:, 0]
         return torch.where(sa >= sb, a, b), torch.where(sa >= sb, b, a)
     raise ValueError(f"unknown pair choice '{mode}': use best_worst or random")
 
 
-def resample_index(mode: str, win: torch.Tensor, lose: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def resample_index(mode: str, win: torch.Tensor, lose: torch.Tensor, k: int, rng: RowRNG) -> torch.Tensor:
     if mode == "random":
-        return torch.randint(0, k, (win.shape[0],), generator=generator).to(win.device)
+        return rng.randint(torch.arange(win.shape[0]), k).to(win.device)
     if mode == "win":
         return win
     if mode == "lose":
@@ -238,7 +261,7 @@ def resample_index(mode: str, win: torch.Tensor, lose: torch.Tensor, k: int, gen
 
 @torch.no_grad()
 def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: SamplerConfig,
-               generator: torch.Generator, score_batch: int = 256) -> tuple[StepPairs | None, SampleStats]:
+               rng: RowRNG, score_batch: int = 256) -> tuple[StepPairs | None, SampleStats]:
     """Run the SPO step-wise sampler for a batch of prompts (all prompts advance together).
 
     Plain DDIM steps while the next timestep is still >= kappa (with 20 steps and kappa = 750,
@@ -256,25 +279,26 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
     shape = policy.latent_shape
     stats = SampleStats()
 
-    def randn(*s):
-        return torch.randn(s, generator=generator).to(dev, dt)
+    if len(rng) != P:
+        raise ValueError(f"spo_sample needs one RNG stream per prompt: got {len(rng)} for {P} prompts")
 
     def eps_at(x: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         stats.unet_evals += x.shape[0]
         return policy.guided_eps(x, _full(ts[step], x.shape[0], dev), cond.select(rows), g)
 
-    def step(x, eps, i):
+    def step(x, eps, i, rows):
         n = x.shape[0]
-        out, _, _, _ = policy_step(policy, x, eps, _full(ts[i], n, dev), _full(prevs[i], n, dev), cfg.eta, noise=randn(*x.shape))
+        z = rng.randn(rows, shape, dev, dt)
+        out, _, _, _ = policy_step(policy, x, eps, _full(ts[i], n, dev), _full(prevs[i], n, dev), cfg.eta, noise=z)
         return out
 
     rows1 = torch.arange(P, device=dev)
-    x = randn(P, *shape)
+    x = rng.randn(rows1.cpu(), shape, dev, dt)
     eps_cache: torch.Tensor | None = None
     i = 0
     while i < n_steps and int(prevs[i]) >= cfg.kappa:
         eps = eps_cache if eps_cache is not None else eps_at(x, i, rows1)
-        x = step(x, eps, i)
+        x = step(x, eps, i, rows1)
         eps_cache = None
         i += 1
 
@@ -289,14 +313,14 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
         rows_k = rows1.repeat_interleave(k)
         if m == 1:  # branch: k candidates from one shared x_t (same mean, independent noise)
             parent = x.repeat_interleave(k, 0)
-            cand = step(parent, eps.repeat_interleave(k, 0), i)
+            cand = step(parent, eps.repeat_interleave(k, 0), i, rows_k)
         else:  # independent trajectories: each takes its own step
             parent = x
-            cand = step(x, eps, i)
+            cand = step(x, eps, i, rows_k)
         path_x = [parent, cand]  # states along the segment, each (P*k, ...)
         for s in range(1, j):
             e = eps_at(cand, i + s, rows_k)
-            cand = step(cand, e, i + s)
+            cand = step(cand, e, i + s, rows_k)
             path_x.append(cand)
         end = i + j  # index of the step whose timestep the segment end sits at
         if end < n_steps:
@@ -308,7 +332,7 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
         scores = _score(policy, scorer, x0, [cond.prompts[r] for r in rows_k.tolist()], t_score, score_batch).view(P, k)
         stats.score_means.append(float(scores.mean()))
         stats.score_stds.append(float(scores.std(dim=1).mean()))
-        win, lose = choose_pair(scores, cfg.pair, generator)
+        win, lose = choose_pair(scores, cfg.pair, rng)
         s_w, s_l = scores.gather(1, win[:, None])[:, 0], scores.gather(1, lose[:, None])[:, 0]
         keep = keep_pair(s_w, s_l, cfg.threshold)
         stats.segments += P
@@ -326,7 +350,7 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
         if independent:
             x, eps_cache, m = cand, eps_end, k
         else:
-            pick = rows1 * k + resample_index(cfg.resampler, win, lose, k, generator)
+            pick = rows1 * k + resample_index(cfg.resampler, win, lose, k, rng)
             x = cand[pick]
             eps_cache = None if eps_end is None else eps_end[pick]
         i = end

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig, OptimConfig, TrainConfig
 from .models.diffusion import Conditioning, DiffusionPolicy
+from .sampling import RowRNG
 from .models.lora import attach_lora, lora_state_dict, save_lora, save_merged
 from .utils import atomic_dir, atomic_file
 
@@ -53,8 +54,9 @@ class RoundContext:
     round: int
     prompts: list[str]
     cond: Conditioning | None  # None for offline methods
-    generator: torch.Generator  # CPU generator for this round and process
+    generator: torch.Generator  # CPU generator for this round and process (shuffling, training noise)
     accelerator: Any
+    rng: RowRNG | None = None  # one stream per prompt, keyed by its global position (sampling noise)
 
 
 def round_seed(seed: int, round_idx: int, process: int = 0, stream: int = 0) -> int:
@@ -62,16 +64,28 @@ def round_seed(seed: int, round_idx: int, process: int = 0, stream: int = 0) -> 
     return (seed * 1_000_003 + round_idx * 10_007 + process * 101 + stream) % (2**63 - 1)
 
 
-def prompts_for_round(prompts: list[str], per_round: int, round_idx: int, seed: int,
-                      process: int = 0, num_processes: int = 1) -> list[str]:
-    """This process's prompts for a round: consecutive slices of per-epoch permutations."""
+def item_seed(seed: int, position: int) -> int:
+    return (seed * 1_000_003 + position * 7_919 + 17) % (2**63 - 1)
+
+
+def round_positions(per_round: int, round_idx: int, process: int = 0, num_processes: int = 1) -> list[int]:
+    """Global positions (in the endless stream of epochs) of this process's items for a round.
+
+    Process p of N takes the p-th slice of the round's N * per_round positions, so N processes
+    together see exactly what one process with N times the batch sees.
+    """
+    start = (round_idx * num_processes + process) * per_round
+    return list(range(start, start + per_round))
+
+
+def prompts_for_round(prompts: list, per_round: int, round_idx: int, seed: int,
+                      process: int = 0, num_processes: int = 1) -> list:
+    """This process's items for a round: consecutive slices of per-epoch permutations."""
     n = len(prompts)
     if n == 0:
         raise ValueError("the prompt set is empty")
-    total = per_round * num_processes
-    start = round_idx * total + process * per_round
     out = []
-    for pos in range(start, start + per_round):
+    for pos in round_positions(per_round, round_idx, process, num_processes):
         epoch, off = divmod(pos, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
         out.append(prompts[int(perm[off])])
@@ -136,6 +150,7 @@ def train_rounds(
     on_round_end: Callable[[int, DiffusionPolicy], dict[str, float]] | None = None,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     accelerator: Any = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA on ``policy`` with ``method`` for ``train_cfg.rounds`` rounds.
 
@@ -146,7 +161,9 @@ def train_rounds(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    acc = accelerator or Accelerator(mixed_precision=train_cfg.mixed_precision,
+    # cpu=True makes a torchrun / accelerate launch on CPUs use MULTI_CPU (gloo) data parallelism.
+    on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    acc = accelerator or Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=on_cpu,
                                      gradient_accumulation_steps=train_cfg.gradient_accumulation_steps)
     out = Path(train_cfg.output_dir)
     ckpt = Checkpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
@@ -179,7 +196,9 @@ def train_rounds(
             ctx = RoundContext(policy, r, [], None, gen, acc)
         else:
             rp = prompts_for_round(prompts, train_cfg.prompts_per_round, r, train_cfg.seed, acc.process_index, acc.num_processes)
-            ctx = RoundContext(policy, r, rp, policy.encode_prompts(rp), gen, acc)
+            pos = round_positions(train_cfg.prompts_per_round, r, acc.process_index, acc.num_processes)
+            ctx = RoundContext(policy, r, rp, policy.encode_prompts(rp), gen, acc,
+                               rng=RowRNG([item_seed(train_cfg.seed, p) for p in pos]))
         data, metrics = method.collect(ctx)
         t_sample = time.perf_counter() - t0
         policy.unet.train()

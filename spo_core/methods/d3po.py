@@ -27,9 +27,9 @@ class D3POMethod(SPOMethod):
     @torch.no_grad()
     def collect(self, ctx: RoundContext):
         policy, P = ctx.policy, len(ctx.cond)
-        x_T = torch.randn((P, *policy.latent_shape), generator=ctx.generator).to(policy.device, policy.dtype)
+        x_T = ctx.rng.randn(torch.arange(P), policy.latent_shape, policy.device, policy.dtype)
         rows = torch.arange(P).repeat(2)
-        tr = sample_trajectories(policy, ctx.cond.select(rows), ctx.generator, self.sampler.num_steps,
+        tr = sample_trajectories(policy, ctx.cond.select(rows), ctx.rng, rows, self.sampler.num_steps,
                                  self.sampler.guidance_scale, self.sampler.eta, x_T=torch.cat([x_T, x_T]))
         final = tr.latents[:, -1]
         prompts = [ctx.cond.prompts[r] for r in rows.tolist()]

@@ -42,7 +42,7 @@ class DDPOMethod:
     def collect(self, ctx: RoundContext):
         policy, P, S = ctx.policy, len(ctx.cond), self.samples_per_prompt
         rows = torch.arange(P).repeat_interleave(S)
-        tr = sample_trajectories(policy, ctx.cond.select(rows), ctx.generator, self.sampler.num_steps,
+        tr = sample_trajectories(policy, ctx.cond.select(rows), ctx.rng, rows, self.sampler.num_steps,
                                  self.sampler.guidance_scale, self.sampler.eta)
         prompts = [ctx.cond.prompts[r] for r in rows.tolist()]
         rewards = torch.as_tensor(self.scorer.score(policy.decode(tr.latents[:, -1]), prompts,

@@ -41,7 +41,7 @@ class SPOMethod:
     name: str = "spo"
 
     def collect(self, ctx: RoundContext):
-        pairs, st = spo_sample(ctx.policy, ctx.cond, self.scorer, self.sampler, ctx.generator)
+        pairs, st = spo_sample(ctx.policy, ctx.cond, self.scorer, self.sampler, ctx.rng)
         metrics = {
             "sample_unet_evals": st.unet_evals,
             "pairs": 0 if pairs is None else len(pairs),

@@ -38,9 +38,16 @@ def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a torchrun / accelerate launch: they neither track nor write."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``metrics/<stage>.json``."""
     t0 = time.perf_counter()
+    if not is_main_process():
+        return dict(run_fn(cfg) or {})
     with tracking.stage_run(stage, params=cfg.model_dump(mode="json")):
         metrics = dict(run_fn(cfg) or {})
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)

@@ -19,6 +19,7 @@ from ..sampling import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, train_rounds
 from ..utils import atomic_file, resolve_device, seed_everything
+from .common import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,14 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     monitor = make_monitor(cfg.monitor, sampler.num_steps, sampler.guidance_scale, device)
     start = monitor(-1, policy, force=True) if monitor is not None and not cfg.train.resume else {}
     res = train_rounds(policy, method, None if offline else prompts_from(cfg.prompts), cfg.lora, cfg.optim, cfg.train,
-                       resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r))
+                       resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r),
+                       device=device)
     hist = res["history"]
-    curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
-    with atomic_file(Path("metrics") / f"{stage}_curve.json", "w") as fh:
-        json.dump(curve, fh, indent=1)
-    tracking.log_artifact(res["lora_dir"], "lora")
+    if is_main_process():
+        curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
+        with atomic_file(Path("metrics") / f"{stage}_curve.json", "w") as fh:
+            json.dump(curve, fh, indent=1)
+        tracking.log_artifact(res["lora_dir"], "lora")
     last = hist[-1] if hist else {}
     out = {
         "rounds": len(hist),

@@ -1,0 +1,144 @@
+"""Stage ``evaluate``: the base model and its LoRAs on fixed prompts and seeds, scored, with CIs.
+
+``python -m spo_core.stages.evaluate`` (DVC), ``spo evaluate``, or :func:`run` from a flow or a test.
+Writes ``scores.parquet``, ``summary.csv``, ``winrates.csv``, ``table.md`` and ``grid.png`` into
+``output_dir`` (replaced as a whole, atomically), logs the tables and the grid to MLflow, and
+returns flat metrics ``<model>/<scorer>/<statistic>`` (``metrics/evaluate.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from .. import tracking
+from ..config import ModelConfig, PromptsConfig, Strict
+from ..data.prompts import load_prompts
+from ..evaluation import (
+    BASE,
+    EvalSamplerConfig,
+    EvalScorerConfig,
+    EvaluationError,
+    check_name,
+    compare_to_base,
+    comparison_grid,
+    evaluate_models,
+    flat_metrics,
+    model_specs,
+    report_markdown,
+    summarize,
+    write_outputs,
+)
+from ..models.diffusion import load_policy
+from ..scorers.base import build_scorer
+from ..utils import atomic_dir, resolve_device, seed_everything
+from .common import stage_main
+
+log = logging.getLogger(__name__)
+STAGE = "evaluate"
+
+
+class EvaluateConfig(Strict):
+    """Everything the ``evaluate`` stage needs (section ``evaluate`` of params.yaml / a profile)."""
+
+    model: ModelConfig
+    # name -> LoRA directory (ours) or .safetensors file (released SPO LoRAs, diffusers or kohya format).
+    loras: dict[str, str] = Field(default_factory=dict)
+    lora_scale: float = 1.0
+    prompts: PromptsConfig
+    num_prompts: int | None = Field(default=500, ge=2)  # first N prompts; None: all of them
+    images_per_prompt: int = Field(default=1, ge=1)
+    seed: int = 0  # image (p, j) uses seed + p * images_per_prompt + j
+    sampler: EvalSamplerConfig = EvalSamplerConfig()
+    scorers: list[EvalScorerConfig] = Field(min_length=1)
+    batch_size: int = Field(default=8, ge=1)  # images generated (and decoded) together
+    score_batch_size: int | None = Field(default=None, ge=1)  # None: score each generated batch at once
+    level: float = Field(default=0.95, gt=0, lt=1)
+    n_boot: int = Field(default=1000, ge=100)
+    bootstrap_seed: int = 0
+    quantize: bool = True  # score 8-bit images, as scoring the saved PNG files would
+    grid_prompts: int = Field(default=8, ge=0)  # 0: no grid
+    grid_image_size: int | None = Field(default=256, ge=8)  # tile side in grid.png; None: native size
+    save_images: bool = False  # also write every image to output_dir/images/<model>/
+    output_dir: str = "artifacts/evaluate"
+    device: str = "auto"
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            check_name(name, "LoRA name")
+            if name == BASE:
+                raise ValueError(f"a LoRA may not be named '{BASE}' (the model without LoRA): rename it")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_columns(self) -> "EvaluateConfig":
+        cols = [s.column for s in self.scorers]
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        if dup:
+            raise ValueError(f"scorers {dup} appear more than once: give each a distinct 'label'")
+        return self
+
+
+def describe(cfg: EvaluateConfig, n_prompts: int) -> str:
+    s = cfg.sampler
+    return (f"{n_prompts} prompts ({cfg.prompts.source}{': ' + cfg.prompts.path if cfg.prompts.path else ''}) x "
+            f"{cfg.images_per_prompt} image(s), DDIM {s.num_steps} steps, CFG {s.guidance_scale:g}, eta {s.eta:g}; "
+            f"model {cfg.model.pretrained}; image (p, j) seed = {cfg.seed} + p * {cfg.images_per_prompt} + j for every model.")
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    seed_everything(cfg.seed)
+    models = model_specs(cfg.loras, cfg.lora_scale)  # fails early on a missing LoRA
+    prompts = load_prompts(**cfg.prompts.model_dump())
+    if cfg.num_prompts is not None:
+        prompts = prompts[: cfg.num_prompts]
+    if len(prompts) < 2:
+        raise EvaluationError(f"evaluation needs at least 2 prompts for confidence intervals, got {len(prompts)}: "
+                              "point prompts at a larger set or raise num_prompts")
+    device = resolve_device(cfg.device)
+    scorers = {s.column: build_scorer(s.name, s.path, device, **s.options) for s in cfg.scorers}
+    policy = load_policy(cfg.model, device)
+    log.info("evaluating %s on %d prompts x %d images with scorers %s",
+             [m.name for m in models], len(prompts), cfg.images_per_prompt, list(scorers))
+
+    with atomic_dir(cfg.output_dir) as tmp:
+        res = evaluate_models(
+            policy, models, prompts, scorers, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+            sampler=cfg.sampler, batch_size=cfg.batch_size, score_batch_size=cfg.score_batch_size,
+            grid_prompts=cfg.grid_prompts, quantize=cfg.quantize,
+            image_dir=tmp / "images" if cfg.save_images else None,
+        )
+        summary = summarize(res.scores, res.scorer_columns, cfg.level)
+        comparisons = compare_to_base(res.scores, res.scorer_columns, level=cfg.level, n_boot=cfg.n_boot,
+                                      seed=cfg.bootstrap_seed)
+        table = report_markdown(summary, comparisons, describe(cfg, len(prompts)), cfg.level)
+        grid = comparison_grid(res.grid_images, res.grid_prompts, cfg.grid_image_size) if res.grid_images else None
+        written = write_outputs(tmp, res.scores, summary, comparisons, table, grid)
+    out_dir = Path(cfg.output_dir)
+    files = [out_dir / p.relative_to(tmp) for p in written.values()]
+    log.info("evaluation written to %s\n%s", out_dir, table)
+
+    tracking.log_table(summary, f"{STAGE}/summary")
+    if not comparisons.empty:
+        tracking.log_table(comparisons, f"{STAGE}/winrates")
+    if grid is not None:
+        tracking.log_image(grid, f"{STAGE}/grid.png")
+    for path in files:
+        tracking.log_artifact(path, f"{STAGE}/files")
+
+    metrics = flat_metrics(summary, comparisons)
+    metrics["num_prompts"] = len(prompts)
+    metrics["num_images_per_model"] = len(prompts) * cfg.images_per_prompt
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, EvaluateConfig, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
