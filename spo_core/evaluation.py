@@ -34,13 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from tqdm.auto import tqdm
 
-from .config import SamplingConfig, ScorerConfig, Strict
+from .config import SamplingConfig, ScorerConfig
 from .models.diffusion import DiffusionPolicy
 from .models.lora import adapters_disabled, load_lora
-from .reporting import atomic_path, image_grid, markdown_table, save_png_atomic, write_text_atomic
+from .utils import atomic_path
+from .reporting import image_grid, markdown_table, save_png_atomic, write_text_atomic
 from .sampling import sample_images
 from .scorers.base import Scorer
 from .stats import bootstrap_win_rate_ci, mean_ci, paired_diff_ci

@@ -7,22 +7,22 @@ never sees a half-written file and a failed write leaves an existing file untouc
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,36 +40,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
-
-
-def _current_umask() -> int:
-    # os.umask can only be read by setting it; restore at once.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path``, on error delete it.
-
-    Parent folders are created. The temp file lives in the same folder so ``os.replace`` is an
-    atomic rename on the same filesystem.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from spo_core.reporting import atomic_path
+from spo_core.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 

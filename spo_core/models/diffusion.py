@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..config import ModelConfig
-from ..utils import DTYPES, atomic_dir
+from ..utils import DTYPES
 from .latent_map import PixelShuffleLatentMap
 
 log = logging.getLogger(__name__)
