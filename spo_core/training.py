@@ -125,7 +125,8 @@ class Checkpointer:
             lora = load_file(str(path / "lora.safetensors"))
             history = json.loads((path / "history.json").read_text())
         except Exception as exc:
-            raise TrainingError(f"checkpoint '{path}' is corrupt or unreadable ({exc}); delete it to resume from an earlier one") from exc
+            raise TrainingError(f"checkpoint '{path}' is corrupt or unreadable ({type(exc).__name__}); "
+                                f"delete it to resume from an earlier one") from exc
         return int(state["round"]), lora, state["optimizer"], history
 
 
