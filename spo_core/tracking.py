@@ -28,8 +28,8 @@ def setup_mlflow(experiment: str | None = None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(default_tracking_uri())
+    # Always set it: a URI set earlier in this process would otherwise beat the environment.
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
     name = experiment or os.environ.get("SPO_EXPERIMENT", DEFAULT_EXPERIMENT)
     if mlflow.get_experiment_by_name(name) is None:
         # Keep artifacts beside the database so that mlruns/ is self-contained.

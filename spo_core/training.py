@@ -10,6 +10,7 @@ run replays exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -164,12 +165,14 @@ def train_rounds(
 
     # cpu=True makes a torchrun / accelerate launch on CPUs use MULTI_CPU (gloo) data parallelism.
     on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
-    acc = accelerator or Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=on_cpu,
-                                     gradient_accumulation_steps=train_cfg.gradient_accumulation_steps)
+    # Accumulation is done by _train_on per round (accelerate's counter would carry across rounds).
+    acc = accelerator or Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=on_cpu)
     out = Path(train_cfg.output_dir)
     ckpt = Checkpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
     policy.to(acc.device)
-    params = attach_lora(policy, lora_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_cfg.seed)  # the LoRA init is part of the seeded run
+        params = attach_lora(policy, lora_cfg)
     opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
                             eps=optim_cfg.adam_eps)
     start, history = 0, []
@@ -239,25 +242,31 @@ def _train_on(ctx: RoundContext, method: Method, data: Any, params: list[torch.n
     if n == 0:
         return {"train_items": 0, "optimizer_steps": 0, "train_unet_evals": 0}
     bs = train_cfg.train_batch_size
+    accum = train_cfg.gradient_accumulation_steps
     for epoch in range(train_cfg.epochs_per_round):
         order = torch.randperm(n, generator=ctx.generator)
-        for s in range(0, n, bs):
+        starts = list(range(0, n, bs))
+        for mi, s in enumerate(starts):
             batch = method.select(data, order[s:s + bs])
-            with acc.accumulate(ctx.policy.forward_unet):
+            # Accumulation groups never cross a round (or epoch) boundary: the last group may be short.
+            g0 = mi - mi % accum
+            group = min(accum, len(starts) - g0)
+            sync = mi == g0 + group - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(ctx.policy.forward_unet):
                 with acc.autocast():
                     loss, m = method.loss(ctx, batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss.item()}) in round {ctx.round}: lower optim.lr or check the "
                                         f"data; the last good checkpoint is kept, resume with --resume after fixing")
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    if optim_cfg.max_grad_norm is not None:
-                        # Pass the list, not a consumed generator: the reference code's clipping was a no-op.
-                        gn = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
-                        grad_norms.append(float(gn))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    steps += 1
+                acc.backward(loss / group)
+            if sync:
+                if optim_cfg.max_grad_norm is not None:
+                    # Pass the list, not a consumed generator: the reference code's clipping was a no-op.
+                    gn = acc.clip_grad_norm_(params, optim_cfg.max_grad_norm)
+                    grad_norms.append(float(gn))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
             evals += int(m.pop("unet_evals", 0))
             k = len(order[s:s + bs])
             for key, v in m.items():

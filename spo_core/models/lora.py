@@ -47,7 +47,10 @@ def attach_lora(policy: DiffusionPolicy, cfg: LoraConfig, adapter_name: str = AD
         target_modules=list(cfg.target_modules),
         lora_dropout=cfg.dropout,
     )
-    policy.unet.add_adapter(peft_cfg, adapter_name=adapter_name)
+    try:
+        policy.unet.add_adapter(peft_cfg, adapter_name=adapter_name)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError
+        raise LoraLoadError(f"no UNet module matched lora.target_modules={cfg.target_modules}: {exc}") from exc
     params = []
     for name, p in policy.unet.named_parameters():
         if "lora_" in name:
@@ -112,30 +115,32 @@ def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADA
     else:
         src = str(path)
     try:
-        sd, alphas = _pipeline_cls(policy.kind).lora_state_dict(src, **kwargs)
+        sd, alphas, metadata = _pipeline_cls(policy.kind).lora_state_dict(src, return_lora_metadata=True, **kwargs)
     except Exception as exc:
         raise LoraLoadError(f"could not read LoRA '{path}': {exc}. Is it a diffusers or kohya LoRA safetensors file?") from exc
     unet_sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
     if not unet_sd:
         raise LoraLoadError(f"LoRA '{path}' has no UNet weights (keys like unet.*); it may be for another model family")
     try:
-        policy.unet.load_lora_adapter(unet_sd, network_alphas=alphas, prefix="unet", adapter_name=adapter_name)
+        policy.unet.load_lora_adapter(unet_sd, network_alphas=alphas, prefix="unet", adapter_name=adapter_name,
+                                      metadata=metadata)
     except Exception as exc:
         raise LoraLoadError(
             f"LoRA '{path}' does not fit this {policy.kind} UNet ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
             f"Check model.kind/model.pretrained match the model it was trained on."
         ) from exc
-    _check_loaded(policy, unet_sd, path)
+    _check_loaded(policy, unet_sd, path, adapter_name)
     for name, p in policy.unet.named_parameters():
         if "lora_" in name and f".{adapter_name}." in name:
             p.requires_grad_(trainable)
 
 
-def _check_loaded(policy: DiffusionPolicy, sd: dict[str, torch.Tensor], path: Path) -> None:
+def _check_loaded(policy: DiffusionPolicy, sd: dict[str, torch.Tensor], path: Path, adapter_name: str = ADAPTER) -> None:
     # A LoRA of another model can load "successfully" with most keys ignored: count what landed.
-    n_lora = sum(1 for n, _ in policy.unet.named_parameters() if "lora_" in n)
-    if n_lora == 0:
-        raise LoraLoadError(f"LoRA '{path}' matched no module of this UNet: it was trained for another model")
+    n_loaded = sum(1 for n, _ in policy.unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n)
+    if n_loaded == 0 or n_loaded != len(sd):
+        raise LoraLoadError(f"LoRA '{path}' fits this {policy.kind} UNet only partly ({n_loaded} of {len(sd)} tensors "
+                            f"loaded): it was trained for another model")
 
 
 def merge_lora(policy: DiffusionPolicy) -> None:

@@ -95,10 +95,18 @@ def build_tiny_components(kind: str, seed: int = 0, tokenizer_dir: str | Path | 
     """Random tiny components for ``kind`` in {"sd15", "sdxl"} (keys as in a diffusers pipeline)."""
     import tempfile
 
-    torch.manual_seed(seed)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="spo_tok_"))
+    if tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="spo_tok_") as tmp:
+            return build_tiny_components(kind, seed, tmp)
+    tok_dir = Path(tokenizer_dir)
     if not (tok_dir / "vocab.json").exists():
         write_clip_tokenizer(tok_dir)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        return _tiny_components(kind, tok_dir)
+
+
+def _tiny_components(kind: str, tok_dir: Path) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     vocab = len(tokenizer)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)

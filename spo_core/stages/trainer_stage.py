@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Callable
 
 from .. import tracking
@@ -19,7 +18,7 @@ from ..sampling import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, train_rounds
 from ..utils import atomic_file, resolve_device, seed_everything
-from .common import is_main_process
+from .common import is_main_process, metrics_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     hist = res["history"]
     if is_main_process():
         curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
-        with atomic_file(Path("metrics") / f"{stage}_curve.json", "w") as fh:
+        with atomic_file(metrics_path(f"{stage}_curve"), "w") as fh:
             json.dump(curve, fh, indent=1)
         tracking.log_artifact(res["lora_dir"], "lora")
     last = hist[-1] if hist else {}
