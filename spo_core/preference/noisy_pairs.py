@@ -1,0 +1,539 @@
+"""Noisy preference pairs: what the step-aware preference model is trained and evaluated on.
+
+For a human-labelled pair (caption, image 0, image 1, labels) and a timestep t, both images are
+encoded, noised to x_t with ONE shared noise draw, and denoised in one guided (CFG) call of the
+frozen base model to the estimate x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t), which is
+decoded to an image. The preference label stays the human one (REFERENCE.md section 3).
+
+On-disk format (one directory per set, e.g. ``train/`` and ``eval/``)::
+
+    manifest.json              settings fingerprint, counts, "complete" flag
+    shard-00000.safetensors    image_0, image_1 (n, 3, S, S) uint8; timestep (n,) int64;
+                               label (n, 2) float32; pair_index, entry_index (n,) int64
+    shard-00000.json           {"captions": [...]} (written before the safetensors file)
+
+Shards are the unit of resumption: each is written atomically, and a shard whose safetensors
+entry_index covers the planned entry range is complete and skipped on a re-run. Entry k draws its t
+(if not fixed) and its noise from a generator seeded by (seed, set salt, k) only, so a resumed or
+extended run writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..data.pickapic import PreferenceDataError, decode_image, read_preference_dataset, validate_preference_frame
+from ..scorers.preprocess import center_crop, looks_like_hub_id, resize_shortest_side
+from ..utils import atomic_dir, atomic_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "spo-noisy-pairs"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TRAIN_SALT, EVAL_SALT = 0, 1
+DRAW = -1  # plan marker: draw t ~ U{0..T-1} from the entry's generator
+
+
+class NoisyPairsError(RuntimeError):
+    """A noisy-pair directory that cannot be built or read; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources and splits
+
+
+def load_preference_source(source: str, split: str = "train") -> pd.DataFrame:
+    """Pick-a-Pic-schema pairs from a local parquet file / folder, or a hub id via ``datasets``."""
+    if Path(source).expanduser().exists():
+        return read_preference_dataset(Path(source).expanduser())
+    if not looks_like_hub_id(source):
+        raise PreferenceDataError(f"preference data '{source}': no such file or folder, and not a hub id (owner/name). "
+                                  "Fix: check the path")
+    try:
+        import datasets  # optional: only hub sources need it
+    except ImportError:
+        raise PreferenceDataError(
+            f"preference data '{source}' is a hub id, which needs the `datasets` package (not installed). Fix: "
+            f"`pip install datasets`, or export the split '{split}' to parquet elsewhere and pass its path"
+        ) from None
+    try:
+        df = datasets.load_dataset(source, split=split).to_pandas()
+    except Exception as exc:  # noqa: BLE001 - hub/offline failures come in many types
+        raise PreferenceDataError(
+            f"could not load split '{split}' of hub dataset '{source}' ({type(exc).__name__}: {exc}). Fix: check the "
+            "id and split, or download it where there is network and pass a local parquet path"
+        ) from exc
+    if "has_label" in df.columns:  # Pick-a-Pic keeps unlabelled comparisons; they carry no preference
+        df = df[df["has_label"].astype(bool)]
+    for col in ("jpg_0", "jpg_1"):  # `datasets` may hand images over as {"bytes": ..., "path": ...}
+        df[col] = df[col].map(lambda v: v["bytes"] if isinstance(v, dict) else v)
+    return validate_preference_frame(df.reset_index(drop=True), f"{source}[{split}]")
+
+
+def decisive(df: pd.DataFrame) -> pd.DataFrame:
+    """Pairs with a strict preference (ties dropped): the ones accuracy is measured on."""
+    return df[(df["label_0"] - df["label_1"]).abs() > 1e-6]
+
+
+def _caption_rank(caption: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\x00{caption}".encode()).hexdigest()
+
+
+def split_holdout(df: pd.DataFrame, eval_pairs: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Carve ``eval_pairs`` decisive pairs out of ``df`` by whole captions (seeded, order-free).
+
+    Every row of a held-out caption leaves the training split, so no evaluation prompt is trained on.
+    """
+    if eval_pairs <= 0:
+        return df.reset_index(drop=True), df.iloc[:0]
+    counts = decisive(df).groupby("caption").size()
+    chosen, total = [], 0
+    for cap in sorted(counts.index, key=lambda c: _caption_rank(c, seed)):
+        if total >= eval_pairs:
+            break
+        chosen.append(cap)
+        total += int(counts[cap])
+    held = df["caption"].isin(set(chosen))
+    train_df = df[~held].reset_index(drop=True)
+    eval_df = decisive(df[held]).head(eval_pairs).reset_index(drop=True)
+    if len(train_df) == 0:
+        raise NoisyPairsError(f"holding out {eval_pairs} pairs leaves no training pairs ({len(df)} pairs, "
+                              f"{df['caption'].nunique()} captions). Fix: lower eval_pairs or give eval_data")
+    if total < eval_pairs:
+        log.warning("only %d decisive pairs available for evaluation (asked for %d)", total, eval_pairs)
+    return train_df, eval_df
+
+
+@torch.no_grad()
+def relabel_with_scorer(df: pd.DataFrame, scorer, threshold: float = 0.1, batch_size: int = 32) -> pd.DataFrame:
+    """Replace labels by ``scorer``'s judgement of the clean images (the reference's SDXL recipe).
+
+    p = softmax([s0, s1]); (1, 0) if p0 - p1 > threshold, (0, 1) if p1 - p0 > threshold, else a tie.
+    """
+    s0 = np.zeros(len(df), dtype=np.float64)
+    s1 = np.zeros(len(df), dtype=np.float64)
+    for start in tqdm(range(0, len(df), batch_size), desc="relabel", unit="batch", disable=len(df) <= batch_size):
+        part = df.iloc[start:start + batch_size]
+        images = [decode_image(b, i) for col in ("jpg_0", "jpg_1") for b, i in zip(part[col], part.index)]
+        caps = [str(c) for c in part["caption"]] * 2
+        scores = np.zeros(len(images))
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for j, img in enumerate(images):  # the scorer batches images of one size
+            by_size.setdefault(tuple(img.shape), []).append(j)
+        for idx in by_size.values():
+            scores[idx] = scorer.score(torch.stack([images[j] for j in idx]), [caps[j] for j in idx]).double().cpu().numpy()
+        n = len(part)
+        s0[start:start + n], s1[start:start + n] = scores[:n], scores[n:]
+    p = torch.softmax(torch.tensor(np.stack([s0, s1], 1)), dim=1).numpy()
+    diff = p[:, 0] - p[:, 1]
+    out = df.copy()
+    out["label_0"] = np.where(diff > threshold, 1.0, np.where(diff < -threshold, 0.0, 0.5))
+    out["label_1"] = 1.0 - out["label_0"]
+    log.info("relabelled %d pairs: %.1f%% ties", len(out), 100 * float((out["label_0"] == 0.5).mean()) if len(out) else 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans and per-entry randomness
+
+
+@dataclass(frozen=True)
+class EntryPlan:
+    """What to build: entry k uses row ``pair_index[k]`` at ``timestep[k]`` (DRAW: random)."""
+
+    pair_index: np.ndarray
+    timestep: np.ndarray
+    salt: int
+
+    def __len__(self) -> int:
+        return len(self.pair_index)
+
+
+def train_plan(num_pairs: int, repeats: int = 1, max_pairs: int | None = None) -> EntryPlan:
+    """Each pair ``repeats`` times with a random t (entry k -> pair k mod N), bounded by ``max_pairs``."""
+    n = num_pairs * repeats if max_pairs is None else min(num_pairs * repeats, max_pairs)
+    k = np.arange(n, dtype=np.int64)
+    return EntryPlan(k % max(num_pairs, 1), np.full(n, DRAW, dtype=np.int64), TRAIN_SALT)
+
+
+def eval_plan(num_pairs: int, timesteps: list[int]) -> EntryPlan:
+    """Every pair at every timestep, grouped by timestep."""
+    pair = np.tile(np.arange(num_pairs, dtype=np.int64), len(timesteps))
+    t = np.repeat(np.asarray(timesteps, dtype=np.int64), num_pairs)
+    return EntryPlan(pair, t, EVAL_SALT)
+
+
+def entry_generator(seed: int, salt: int, index: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, salt, index): resumable and device-independent."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(salt), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_entry(seed: int, salt: int, index: int, timestep: int, latent_shape: tuple[int, ...],
+               num_train_timesteps: int = 1000) -> tuple[int, torch.Tensor]:
+    """(t, noise) of one entry: t first (if drawn), then the noise shared by both images."""
+    g = entry_generator(seed, salt, index)
+    t = int(torch.randint(0, num_train_timesteps, (1,), generator=g)) if timestep == DRAW else int(timestep)
+    return t, torch.randn(latent_shape, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    image_size: int | None = 224  # stored side; None: the diffusion model's resolution
+    guidance_scale: float = 5.0
+    batch_size: int = 8
+    shard_size: int = 512
+    seed: int = 0
+    clean_at_zero: bool = False  # t == 0 entries store the clean image instead of a one-step estimate
+    num_train_timesteps: int = 1000
+
+
+def to_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Shortest side to ``size`` then centre crop (CLIP's geometry, PIL-like bicubic)."""
+    return center_crop(resize_shortest_side(images, size), size)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def estimate_x0_images(policy, images_0: torch.Tensor, images_1: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
+                       noise: torch.Tensor, guidance_scale: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded one-step x0 estimates of both images of B pairs, in one guided UNet call.
+
+    ``images_*``: (B, 3, R, R) in [0, 1] at the policy's resolution; ``noise``: (B, C, h, w), shared
+    by the two images of a pair; ``timesteps``: (B,). Returns two (B, 3, R, R) tensors in [0, 1].
+    """
+    b = images_0.shape[0]
+    dev = policy.device
+    latents = policy.encode_images(torch.cat([images_0, images_1]).to(dev))
+    eps = torch.cat([noise, noise]).to(dev, latents.dtype)
+    t = torch.cat([timesteps, timesteps]).to(dev).long()
+    x_t = policy.add_noise(latents, eps, t)
+    cond = policy.encode_prompts(captions).select(list(range(b)) * 2)
+    eps_hat = policy.guided_eps(x_t, t, cond, guidance_scale)
+    decoded = policy.decode(policy.x0_from_eps(x_t, t, eps_hat))
+    return decoded[:b], decoded[b:]
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def _frame_digest(df: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for cap, l0, a, b in zip(df["caption"], df["label_0"], df["jpg_0"], df["jpg_1"]):
+        h.update(f"{cap}\x00{float(l0):.6f}\x00{len(a)}\x00{len(b)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _shard_range(path: Path) -> tuple[int, int] | None:
+    """The [start, stop) entry range a shard file holds, or None if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            idx = f.get_tensor("entry_index")
+        return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else None
+    except Exception:  # noqa: BLE001 - an unreadable shard is rebuilt
+        return None
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    p = out / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    with atomic_file(out / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def write_shard(out_dir: Path, index: int, tensors: dict[str, torch.Tensor], captions: list[str], start: int, stop: int) -> Path:
+    """Write shard ``index`` (entries [start, stop)): captions json first, then the safetensors file.
+
+    Both writes are atomic and the safetensors file (whose entry_index records the range) goes last,
+    so a shard with a safetensors file is complete.
+    """
+    n = stop - start
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    tensors.setdefault("pair_index", torch.arange(start, stop, dtype=torch.int64))
+    tensors["entry_index"] = torch.arange(start, stop, dtype=torch.int64)
+    for key in ("image_0", "image_1", "timestep", "label"):
+        if key not in tensors or tensors[key].shape[0] != n:
+            raise ValueError(f"shard {index}: '{key}' must hold {n} rows")
+    if tensors["image_0"].dtype != torch.uint8 or tensors["image_0"].shape != tensors["image_1"].shape:
+        raise ValueError("image_0 / image_1 must be uint8 tensors of one shape (n, 3, S, S)")
+    if len(captions) != n:
+        raise ValueError(f"shard {index}: {len(captions)} captions for {n} pairs")
+    tensors["timestep"] = tensors["timestep"].long()
+    tensors["label"] = tensors["label"].float()
+    name = _shard_name(index)
+    with atomic_file(out_dir / f"{name}.json", "w") as fh:
+        json.dump({"captions": list(captions)}, fh)
+    path = out_dir / f"{name}.safetensors"
+    with atomic_file(path, "wb") as fh:
+        # The range lives in the entry_index tensor, not in header metadata: safetensors writes
+        # metadata keys in hash order, which would make identical shards differ byte-wise.
+        fh.write(safetensors_save(tensors))
+    return path
+
+
+def write_noisy_pair_set(out_dir: str | os.PathLike, image_0: torch.Tensor, image_1: torch.Tensor, timestep: torch.Tensor,
+                         label: torch.Tensor, captions: list[str], shard_size: int = 512,
+                         source: dict[str, Any] | None = None) -> Path:
+    """Write pairs produced elsewhere (uint8 (n, 3, S, S) images) as a complete noisy-pair set.
+
+    The whole set is written atomically and replaces ``out_dir``.
+    """
+    n = image_0.shape[0]
+    num_shards = math.ceil(n / shard_size)
+    h = hashlib.sha256()
+    for x in (image_0, image_1, timestep.long(), label.float()):
+        h.update(x.contiguous().cpu().numpy().tobytes())
+    h.update("\x00".join(captions).encode())
+    fingerprint = {"format": FORMAT, "format_version": FORMAT_VERSION, "data_digest": h.hexdigest()[:16]}
+    with atomic_dir(out_dir) as tmp:
+        for s in range(num_shards):
+            a, b = s * shard_size, min((s + 1) * shard_size, n)
+            write_shard(tmp, s, {"image_0": image_0[a:b], "image_1": image_1[a:b], "timestep": timestep[a:b],
+                                 "label": label[a:b]}, captions[a:b], a, b)
+        _write_manifest(tmp, {"fingerprint": fingerprint, "source": source or {}, "num_pairs": n,
+                              "num_shards": num_shards, "image_size": int(image_0.shape[-1]),
+                              "shard_size": shard_size, "complete": True})
+    return Path(out_dir)
+
+
+@dataclass
+class BuildStats:
+    pairs_total: int
+    pairs_written: int
+    shards_total: int
+    shards_written: int
+    seconds: float
+
+    @property
+    def seconds_per_pair(self) -> float:
+        return self.seconds / self.pairs_written if self.pairs_written else 0.0
+
+
+def build_noisy_pairs(policy, df: pd.DataFrame, out_dir: str | os.PathLike, plan: EntryPlan, settings: BuildSettings,
+                      source: dict[str, Any] | None = None) -> BuildStats:
+    """Write the entries of ``plan`` (rows of ``df``) as shards under ``out_dir``; skip complete shards.
+
+    Raises :class:`NoisyPairsError` if ``out_dir`` holds shards built with other settings.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = settings.image_size or policy.resolution
+    fingerprint = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "salt": plan.salt,
+        "data_digest": _frame_digest(df), "num_rows": len(df),
+        "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
+                  "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
+    }
+    old = _read_manifest(out)
+    if old is not None and old.get("fingerprint") != fingerprint:
+        raise NoisyPairsError(
+            f"{out} holds noisy pairs built with other settings or data (see its {MANIFEST}). Fix: delete that folder, "
+            "or restore the settings it was built with"
+        )
+    n = len(plan)
+    num_shards = math.ceil(n / settings.shard_size)
+    # The source is recorded but not fingerprinted: the same data under another path may resume.
+    manifest = {"fingerprint": fingerprint, "source": source or {}, "num_pairs": n, "num_shards": num_shards,
+                "image_size": size, "shard_size": settings.shard_size, "complete": False}
+    _write_manifest(out, manifest)
+    for stale in sorted(out.glob("shard-*.safetensors")):  # shards beyond a shrunk plan must not be read
+        if int(stale.stem.split("-")[1]) >= num_shards:
+            stale.unlink()
+            stale.with_suffix(".json").unlink(missing_ok=True)
+    todo = []
+    for s in range(num_shards):
+        start, stop = s * settings.shard_size, min((s + 1) * settings.shard_size, n)
+        if _shard_range(out / f"{_shard_name(s)}.safetensors") != (start, stop):
+            todo.append((s, start, stop))
+    pending = sum(stop - start for _, start, stop in todo)
+    log.info("%s: %d pairs in %d shards, %d to build", out, n, num_shards, pending)
+    t0 = time.perf_counter()
+    latent_shape = policy.latent_shape
+    with tqdm(total=pending, desc=f"noisy pairs -> {out.name}", unit="pair", disable=pending == 0) as bar:
+        for s, start, stop in todo:
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("image_0", "image_1", "timestep")}
+            captions: list[str] = []
+            for b0 in range(start, stop, settings.batch_size):
+                ks = range(b0, min(b0 + settings.batch_size, stop))
+                rows = df.iloc[plan.pair_index[list(ks)]]
+                draws = [draw_entry(settings.seed, plan.salt, k, int(plan.timestep[k]), latent_shape,
+                                    settings.num_train_timesteps) for k in ks]
+                t = torch.tensor([d[0] for d in draws], dtype=torch.long)
+                noise = torch.stack([d[1] for d in draws])
+                clean0 = torch.stack([to_square(decode_image(x, i)[None], policy.resolution)[0]
+                                      for x, i in zip(rows["jpg_0"], rows.index)])
+                clean1 = torch.stack([to_square(decode_image(x, i)[None], policy.resolution)[0]
+                                      for x, i in zip(rows["jpg_1"], rows.index)])
+                caps = [str(c) for c in rows["caption"]]
+                est0, est1 = estimate_x0_images(policy, clean0, clean1, caps, t, noise, settings.guidance_scale)
+                if settings.clean_at_zero:
+                    zero = (t == 0).view(-1, 1, 1, 1).to(est0.device)
+                    est0 = torch.where(zero, clean0.to(est0), est0)
+                    est1 = torch.where(zero, clean1.to(est1), est1)
+                parts["image_0"].append(to_uint8(to_square(est0, size)))
+                parts["image_1"].append(to_uint8(to_square(est1, size)))
+                parts["timestep"].append(t)
+                captions += caps
+                bar.update(len(ks))
+            rows = df.iloc[plan.pair_index[start:stop]]
+            tensors = {k: torch.cat(v) for k, v in parts.items()}
+            tensors["label"] = torch.tensor(rows[["label_0", "label_1"]].to_numpy(dtype=np.float32))
+            tensors["pair_index"] = torch.from_numpy(plan.pair_index[start:stop].copy())
+            write_shard(out, s, tensors, captions, start, stop)
+    seconds = time.perf_counter() - t0
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return BuildStats(n, pending, num_shards, len(todo), seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class NoisyPairs(Dataset):
+    """A built noisy-pair directory as a torch Dataset (images read lazily from memory-mapped shards).
+
+    Items: ``image_0``/``image_1`` (3, S, S) uint8, ``timestep`` () int64, ``label`` (2,) float32,
+    ``caption`` str.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = _read_manifest(self.path)
+        if manifest is None or not manifest.get("complete"):
+            raise NoisyPairsError(f"{self.path} is not a complete noisy-pair set (no complete {MANIFEST}). Fix: run "
+                                  "the noisy_pairs stage to the end (it resumes where it stopped)")
+        self.manifest = manifest
+        self.image_size = int(manifest["image_size"])
+        self.shards = [self.path / f"{_shard_name(s)}.safetensors" for s in range(manifest["num_shards"])]
+        shard_of, offset, timesteps, labels, self.captions = [], [], [], [], []
+        for s, f in enumerate(self.shards):
+            if not f.is_file():
+                raise NoisyPairsError(f"{f} is missing although {MANIFEST} says complete. Fix: re-run noisy_pairs")
+            with safe_open(str(f), framework="pt") as h:
+                t = h.get_tensor("timestep")
+                timesteps.append(t)
+                labels.append(h.get_tensor("label"))
+            self.captions += json.loads(f.with_suffix(".json").read_text())["captions"]
+            shard_of.append(torch.full((len(t),), s, dtype=torch.int64))
+            offset.append(torch.arange(len(t), dtype=torch.int64))
+        self.shard_of = torch.cat(shard_of) if shard_of else torch.zeros(0, dtype=torch.int64)
+        self.offset = torch.cat(offset) if offset else torch.zeros(0, dtype=torch.int64)
+        self.timesteps = torch.cat(timesteps) if timesteps else torch.zeros(0, dtype=torch.int64)
+        self.labels = torch.cat(labels) if labels else torch.zeros(0, 2)
+        if not (len(self.captions) == len(self.timesteps) == manifest["num_pairs"]):
+            raise NoisyPairsError(f"{self.path}: shard contents ({len(self.timesteps)} pairs) disagree with {MANIFEST} "
+                                  f"({manifest['num_pairs']}). Fix: delete the folder and re-run noisy_pairs")
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def __getstate__(self) -> dict:  # open file handles do not cross process boundaries
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, s: int):
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.shards[s]), framework="pt")
+        return self._handles[s]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s, o = int(self.shard_of[i]), int(self.offset[i])
+        h = self._handle(s)
+        return {
+            "image_0": h.get_slice("image_0")[o: o + 1][0],
+            "image_1": h.get_slice("image_1")[o: o + 1][0],
+            "timestep": self.timesteps[i],
+            "label": self.labels[i],
+            "caption": self.captions[i],
+        }
+
+    def timestep_values(self) -> list[int]:
+        return sorted(set(self.timesteps.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_noisy_pairs(cfg) -> dict[str, float]:
+    """Build ``<output_dir>/train`` and ``<output_dir>/eval`` from a :class:`NoisyPairsConfig`."""
+    from ..models.diffusion import load_policy
+    from ..utils import resolve_device
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    policy = load_policy(cfg.model, device=resolve_device(cfg.device))
+    data = load_preference_source(cfg.data, cfg.split)
+    held = load_preference_source(cfg.eval_data, cfg.eval_split) if cfg.eval_data is not None else None
+    if cfg.relabel is not None:
+        # Relabel before choosing held-out pairs: accuracy is measured on pairs the judge finds
+        # decisive, as the reference does after relabelling.
+        from ..scorers.base import build_scorer
+
+        judge = build_scorer(cfg.relabel.name, path=cfg.relabel.path, device=policy.device, **cfg.relabel.options)
+        data = relabel_with_scorer(data, judge, cfg.relabel_threshold)
+        held = None if held is None else relabel_with_scorer(held, judge, cfg.relabel_threshold)
+        del judge
+    if held is not None:
+        train_df = data
+        eval_df = decisive(held).head(cfg.eval_pairs).reset_index(drop=True)
+        overlap = len(set(train_df["caption"]) & set(eval_df["caption"]))
+        if overlap:
+            log.warning("%d held-out captions also occur in the training data", overlap)
+    else:
+        train_df, eval_df = split_holdout(data, cfg.eval_pairs, cfg.seed)
+    settings = BuildSettings(image_size=cfg.image_size, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
+                             shard_size=cfg.shard_size, seed=cfg.seed, num_train_timesteps=cfg.num_train_timesteps)
+    out = Path(cfg.output_dir)
+    train = build_noisy_pairs(policy, train_df, out / "train", train_plan(len(train_df), cfg.repeats, cfg.max_pairs),
+                              settings, source={"data": cfg.data, "split": cfg.split})
+    metrics: dict[str, float] = {
+        "pairs_total": train.pairs_total,
+        "pairs_written": train.pairs_written,
+        "seconds_per_pair": round(train.seconds_per_pair, 6),
+        "source_pairs": len(data),
+        "train_source_pairs": len(train_df),
+    }
+    if len(eval_df):
+        eval_settings = BuildSettings(**{**asdict(settings), "clean_at_zero": cfg.clean_eval_at_zero})
+        ev = build_noisy_pairs(policy, eval_df, out / "eval", eval_plan(len(eval_df), cfg.eval_timesteps), eval_settings,
+                               source={"data": cfg.eval_data or cfg.data, "split": cfg.eval_split if cfg.eval_data else cfg.split,
+                                       "holdout": cfg.eval_data is None})
+        metrics.update({"eval_pairs": len(eval_df), "eval_entries_total": ev.pairs_total,
+                        "eval_entries_written": ev.pairs_written, "eval_seconds_per_pair": round(ev.seconds_per_pair, 6)})
+    log.info("noisy pairs: %s", metrics)
+    return metrics

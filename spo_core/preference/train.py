@@ -1,0 +1,399 @@
+"""Training and evaluation of the preference-model variants of the paper's Table 4.
+
+* ``plain``: the base CLIP (PickScore) untouched;
+* ``agnostic``: the whole CLIP fine-tuned on noisy x0-estimate pairs, no time condition;
+* ``aware``: the same with the DiT/adaLN-Zero time condition (:mod:`.time_clip`).
+
+Loss: :func:`spo_core.losses.preference_loss` on the two scores of each pair. AdamW, accelerate
+(mixed precision, gradient accumulation, any number of processes), atomic checkpoints every N
+steps and resume. Accuracy is measured on held-out decisive pairs per timestep bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPConfig, get_scheduler
+
+from .. import tracking
+from ..losses import preference_loss
+from ..reporting import markdown_table, write_text_atomic
+from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
+from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
+from ..utils import atomic_dir, atomic_file, resolve_device
+from .config import TrainPMConfig
+from .noisy_pairs import NoisyPairs
+from .time_clip import TimeConditionedCLIP, write_processor
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: tokenizer and image preprocessing shared by training, evaluation and the scorer
+
+
+@dataclass
+class PMInputs:
+    """How (uint8 image, caption) pairs become CLIP inputs; the same transform the scorer applies."""
+
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_length: int = 77
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 or [0, 1] float -> normalised (B, 3, S, S) float32."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return clip_preprocess(x, self.image_size, self.mean, self.std, crop_rounding="floor")
+
+    def tokens(self, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        write_processor(out_dir, self.tokenizer, self.image_size, self.mean, self.std)
+
+
+def processor_source(base: str, processor: str | None) -> str:
+    """Where tokenizer + preprocessing come from: explicit, else the base dir, else PickScore's processor."""
+    if processor is not None:
+        return processor
+    if looks_like_hub_id(base) and not Path(base).exists():
+        return PICKSCORE_PROCESSOR_ID  # PickScore_v1 ships no processor of its own
+    return base
+
+
+def load_inputs(base: str, processor: str | None, text_positions: int) -> PMInputs:
+    src = processor_source(base, processor)
+    try:
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, src, "CLIP tokenizer")
+    except ScorerLoadError as exc:
+        raise ScorerLoadError(f"{exc}. Fix: set processor=<directory with the CLIP tokenizer and preprocessor_config.json>") from exc
+    size, mean, std = read_clip_image_config(src, 224)
+    return PMInputs(tokenizer, size, tuple(mean), tuple(std), max_length=min(77, int(text_positions)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def pair_scores(model: TimeConditionedCLIP, inputs: PMInputs, batch: dict[str, Any], device: torch.device,
+                use_time: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of both images of each pair in ``batch`` (one vision and one text forward)."""
+    b = batch["image_0"].shape[0]
+    pix = inputs.pixels(torch.cat([batch["image_0"], batch["image_1"]]).to(device))
+    ids, mask = inputs.tokens(batch["caption"], device)
+    t = batch["timestep"].to(device)
+    s = model(pix, ids, mask, torch.cat([t, t]) if use_time else None, torch.arange(b, device=device).repeat(2))
+    return s[:b], s[b:]
+
+
+def pair_correct(s0: torch.Tensor, s1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 where the higher score is the preferred image, 0.5 for equal scores, 0 otherwise (decisive labels)."""
+    pred = torch.sign(s0 - s1)
+    truth = torch.sign(labels[:, 0] - labels[:, 1]).to(pred)
+    return torch.where(pred == 0, torch.full_like(pred, 0.5), (pred == truth).to(pred))
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: TimeConditionedCLIP, inputs: PMInputs, dataset: NoisyPairs, batch_size: int = 32,
+                      device: torch.device | str = "cpu") -> dict[int, tuple[float, int]]:
+    """Accuracy against the labels per timestep bucket: {t: (accuracy, decisive pairs)}. Ties are skipped."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct: dict[int, list[float]] = {}
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        lab = batch["label"]
+        keep = (lab[:, 0] - lab[:, 1]).abs() > 1e-6
+        if not keep.any():
+            continue
+        s0, s1 = pair_scores(model, inputs, batch, device)
+        c = pair_correct(s0.cpu(), s1.cpu(), lab)
+        for t, ok, k in zip(batch["timestep"].tolist(), c.tolist(), keep.tolist()):
+            if k:
+                correct.setdefault(int(t), []).append(ok)
+    model.train(was_training)
+    return {t: (sum(v) / len(v), len(v)) for t, v in sorted(correct.items())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation per epoch that depends only on (seed, epoch): resumable without saved sampler state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _fingerprint(cfg: TrainPMConfig, variant: str, train_set: NoisyPairs) -> str:
+    # Everything that changes the trained weights; logging/eval/checkpoint cadence does not.
+    keys = ("base", "optim", "lr_scheduler", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_steps",
+            "mixed_precision", "seed")
+    blob = json.dumps({"variant": variant, **cfg.model_dump(mode="json", include=set(keys)),
+                       "data": train_set.manifest["fingerprint"], "pairs": len(train_set)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in root.glob("step-*"):
+        if (p / STATE_FILE).is_file():  # only complete (atomically renamed) checkpoints have it
+            out.append((int(p.name.split("-")[1]), p))
+    return sorted(out)
+
+
+def make_accelerator(cfg: TrainPMConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import GradientAccumulationPlugin
+
+    device = resolve_device(cfg.device)
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # A stage may run twice in one process (tests, in-process Prefect tasks) with another precision.
+        AcceleratorState._reset_state()
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=cfg.mixed_precision,
+        # Sync strictly every N micro-batches (not at epoch ends) so that step k always covers
+        # micro-batches [kN, (k+1)N) and resuming at a step boundary replays the same data.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
+    )
+
+
+def train_variant(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyPairs, out_dir: Path,
+                  ckpt_root: Path, accelerator, eval_set: NoisyPairs | None = None) -> dict[str, float]:
+    """Train ``variant`` ('agnostic' or 'aware') and save it to ``out_dir``; returns training figures."""
+    fp = _fingerprint(cfg, variant, train_set)
+    done = out_dir / STATE_FILE
+    if cfg.resume and done.is_file():
+        state = json.loads(done.read_text())
+        if state.get("fingerprint") == fp and state.get("step") == cfg.max_steps:
+            log.info("%s: finished model in %s matches the config; not retraining", variant, out_dir)
+            return {"steps": float(state["step"]), "final_loss": float(state.get("final_loss", float("nan"))),
+                    "train_s": 0.0, "resumed_from": float(state["step"])}
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        for _, p in _checkpoints(ckpt_root):
+            shutil.rmtree(p)
+    try:
+        return _train(cfg, variant, inputs, train_set, out_dir, ckpt_root, accelerator, eval_set, fp)
+    finally:
+        accelerator.free_memory()  # the Accelerator is shared by variants: drop this one's model and optimiser
+
+
+def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyPairs, out_dir: Path, ckpt_root: Path,
+           accelerator, eval_set: NoisyPairs | None, fp: str) -> dict[str, float]:
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the time embedder's init draws from the RNG
+    model = TimeConditionedCLIP.from_clip(cfg.base, time_conditioned=variant == "aware")
+    if cfg.gradient_checkpointing:
+        model.clip.activation_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
+    nproc = accelerator.num_processes
+    # AcceleratedScheduler steps once per process per optimiser step: scale the horizon to match.
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * nproc,
+                              num_training_steps=cfg.max_steps * nproc)
+    sampler = EpochShuffle(len(train_set), cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training pairs make no full batch of {cfg.batch_size}: lower batch_size or "
+                         "build more noisy pairs")
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    step = 0
+    found = _checkpoints(ckpt_root)
+    if cfg.resume and found:
+        last_step, last = found[-1]
+        state = json.loads((last / STATE_FILE).read_text())
+        if state.get("fingerprint") != fp:
+            raise RuntimeError(f"checkpoint {last} was written with other settings or data. Fix: delete {ckpt_root} or "
+                               "set resume: false to start over")
+        accelerator.load_state(str(last))
+        step = last_step
+        log.info("%s: resumed from %s (step %d)", variant, last, step)
+    resumed_from = step
+
+    accum = cfg.gradient_accumulation_steps
+    per_epoch = len(loader)
+    micro = step * accum
+    epoch, skip = divmod(micro, per_epoch)
+    window: list[float] = []
+    final_loss = float("nan")
+    t0 = time.perf_counter()
+    unwrapped = accelerator.unwrap_model(model)
+    use_time = variant == "aware"
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train_pm {variant}", unit="step",
+               disable=not accelerator.is_main_process)
+    while step < cfg.max_steps:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                b = batch["image_0"].shape[0]
+                pix = inputs.pixels(torch.cat([batch["image_0"], batch["image_1"]]).to(accelerator.device))
+                ids, mask = inputs.tokens(batch["caption"], accelerator.device)
+                t = batch["timestep"].to(accelerator.device)
+                scores = model(pix, ids, mask, torch.cat([t, t]) if use_time else None,
+                               torch.arange(b, device=accelerator.device).repeat(2))
+                lab = batch["label"].to(accelerator.device)
+                loss = preference_loss(scores[:b], scores[b:], lab[:, 0], lab[:, 1])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(float(accelerator.gather(loss.detach()).mean()))
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                final_loss = sum(window) / len(window)
+                tracking.log_metrics({f"{variant}/loss": final_loss, f"{variant}/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.set_postfix(loss=f"{final_loss:.4f}")
+                window = []
+            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
+                acc = evaluate_accuracy(unwrapped, inputs, eval_set, cfg.eval_batch_size, accelerator.device)
+                tracking.log_metrics({f"{variant}/acc/t{t}": a for t, (a, _) in acc.items()}, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                _save_checkpoint(accelerator, ckpt_root, step, fp, cfg.keep_checkpoints)
+            if step >= cfg.max_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    bar.close()
+    if window:
+        final_loss = sum(window) / len(window)
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(out_dir) as tmp:
+            unwrapped.save_pretrained(tmp)
+            inputs.save(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({"variant": variant, "step": step, "fingerprint": fp,
+                                                      "final_loss": final_loss}, indent=2) + "\n")
+    trained = step - resumed_from
+    return {"steps": float(step), "final_loss": final_loss, "train_s": seconds,
+            "s_per_step": seconds / trained if trained else 0.0, "resumed_from": float(resumed_from)}
+
+
+def _save_checkpoint(accelerator, root: Path, step: int, fingerprint: str, keep: int) -> None:
+    """``accelerator.save_state`` into a partial folder, renamed into place once complete.
+
+    Every process must call save_state (each writes its own RNG state), so the partial folder has a
+    fixed name that all of them agree on, rather than utils.atomic_dir's per-process temp name.
+    """
+    final = root / f"step-{step:07d}"
+    partial = root / f".step-{step:07d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for _, old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def accuracy_table(results: dict[str, dict[int, tuple[float, int]]]) -> pd.DataFrame:
+    """Rows: variants; columns: accuracy at each timestep bucket and their mean."""
+    ts = sorted({t for r in results.values() for t in r})
+    rows = []
+    for variant, acc in results.items():
+        row: dict[str, Any] = {"variant": variant}
+        for t in ts:
+            row[f"t={t}"] = acc[t][0] if t in acc else float("nan")
+        row["mean"] = sum(a for a, _ in acc.values()) / len(acc) if acc else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
+    """Train the configured variants, evaluate all of them per timestep bucket, write the table."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = Path(cfg.data_dir)
+    train_set = NoisyPairs(data / "train")
+    eval_set = NoisyPairs(data / "eval") if (data / "eval" / "manifest.json").is_file() else None
+    if eval_set is None:
+        log.warning("%s has no eval/ set: no accuracy table (build one with noisy_pairs eval_pairs > 0)", data)
+    out = Path(cfg.output_dir)
+    ckpt_root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    clip_config = load_pretrained(CLIPConfig.from_pretrained, cfg.base, "CLIP config")
+    inputs = load_inputs(cfg.base, cfg.processor, clip_config.text_config.max_position_embeddings)
+    metrics: dict[str, float] = {"train_pairs": len(train_set)}
+    results: dict[str, dict[int, tuple[float, int]]] = {}
+    for variant in cfg.variants:
+        if variant == "plain":
+            model = TimeConditionedCLIP.from_clip(cfg.base, time_conditioned=False)
+        else:
+            stats = train_variant(cfg, variant, inputs, train_set, out / variant, ckpt_root / variant, accelerator, eval_set)
+            metrics.update({f"{k}/{variant}": v for k, v in stats.items()})
+            model = TimeConditionedCLIP.from_pretrained(out / variant)
+        if eval_set is not None and accelerator.is_main_process:
+            t0 = time.perf_counter()
+            results[variant] = evaluate_accuracy(model.to(device), inputs, eval_set, cfg.eval_batch_size, device)
+            metrics[f"eval_s/{variant}"] = round(time.perf_counter() - t0, 3)
+            for t, (acc, n) in results[variant].items():
+                metrics[f"acc/{variant}/t{t}"] = acc
+                metrics[f"n/t{t}"] = n
+            metrics[f"acc/{variant}/mean"] = sum(a for a, _ in results[variant].values()) / max(len(results[variant]), 1)
+    if results:
+        table = accuracy_table(results)
+        counts = {t: n for r in results.values() for t, (_, n) in r.items()}
+        md = ("Preference accuracy on held-out noisy pairs per timestep (paper Table 4 variants)\n\n"
+              + markdown_table(table, float_fmt="{:.3f}") + "\n\nHeld-out decisive pairs per timestep: "
+              + ", ".join(f"t={t}: {n}" for t, n in sorted(counts.items())) + "\n")
+        write_text_atomic(md, out / "accuracy.md")
+        with atomic_file(out / "accuracy.json", "w") as fh:
+            json.dump({v: {str(t): {"accuracy": a, "pairs": n} for t, (a, n) in r.items()} for v, r in results.items()},
+                      fh, indent=2)
+        tracking.log_table(table, "pm_accuracy")
+        tracking.log_artifact(out / "accuracy.md")
+        log.info("preference accuracy:\n%s", md)
+    return metrics

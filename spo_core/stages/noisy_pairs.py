@@ -1,0 +1,25 @@
+"""Stage ``noisy_pairs``: Pick-a-Pic-schema pairs -> one-step x0 estimates at random / fixed timesteps.
+
+Outputs ``<output_dir>/train`` and ``<output_dir>/eval`` (see :mod:`spo_core.preference.noisy_pairs`);
+re-running resumes (complete shards are kept). Metrics: pairs written, seconds per pair.
+"""
+
+from __future__ import annotations
+
+from ..preference.config import NoisyPairsConfig
+from ..preference.noisy_pairs import run_noisy_pairs
+from .common import stage_main
+
+STAGE = "noisy_pairs"
+
+
+def run(cfg: NoisyPairsConfig) -> dict:
+    return run_noisy_pairs(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, NoisyPairsConfig, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Micro end-to-end toy pipeline: world -> base pretraining (+ resume) -> preference pairs ->
+toy PickScore -> toy scorers. Micro model sizes; one torch thread so timings hold on a busy CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from spo_core.config import ModelConfig
+from spo_core.data.pickapic import read_preference_dataset
+from spo_core.models.diffusion import load_policy
+from spo_core.scorers.base import available_scorers, build_scorer
+from spo_core.stages import toy_pickscore, toy_prefs, toy_pretrain, toy_world
+from spo_core.stages.common import execute
+from spo_core.toyworld.config import (
+    ClipArch,
+    SampleConfig,
+    ToyPickScoreConfig,
+    ToyPrefsConfig,
+    ToyPretrainConfig,
+    ToyWorldConfig,
+    UNetArch,
+)
+from spo_core.toyworld.pretrain import train_base
+from spo_core.toyworld.render import render_prompts
+from spo_core.toyworld.world import load_world
+
+MICRO_UNET = UNetArch(block_out_channels=(8, 16), cross_attention=(False, True), norm_num_groups=4, attention_heads=1,
+                      text_hidden=16, text_layers=1)
+MICRO_CLIP = ClipArch(hidden=16, vision_layers=1, text_layers=1, heads=2, projection_dim=16)
+MICRO_SAMPLER = SampleConfig(num_steps=2, batch_size=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, monkeypatch_module):
+    path = tmp_path_factory.mktemp("toy")
+    monkeypatch_module.setenv("SPO_METRICS_DIR", str(path / "metrics"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPO_DISABLE_MLFLOW", "1")
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def world_dir(root):
+    metrics = execute("toy_world", ToyWorldConfig(output_dir=str(root / "world")), toy_world.run)
+    assert metrics["n_train"] >= 4000 and metrics["n_validation"] == 500 and metrics["n_heldout_pairs"] == 4
+    return root / "world"
+
+
+def pretrain_cfg(root, world_dir, **kw) -> ToyPretrainConfig:
+    base = dict(world_dir=str(world_dir), output_dir=str(root / "base"), checkpoint_dir=str(root / "ckpt"), steps=4,
+                batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, arch=MICRO_UNET, sampler=MICRO_SAMPLER,
+                grid_prompts=2, eval_prompts=2)
+    return ToyPretrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base_dir(root, world_dir):
+    metrics = execute("toy_pretrain", pretrain_cfg(root, world_dir), toy_pretrain.run)
+    assert metrics["steps_run"] == 4 and metrics["final_loss"] > 0
+    assert metrics["validation_renderer_reward"] > 0.9
+    return root / "base"
+
+
+def test_world_directory(world_dir):
+    world = load_world(world_dir)
+    desc = json.loads((world_dir / "world.json").read_text())
+    assert len(world.train_prompts) == desc["n_train"] and len(world.validation_prompts) == 500
+    assert world.tokenizer()(world.train_prompts[0]).input_ids[-1] == world.tokenizer().eos_token_id
+
+
+def test_pretrained_base_saves_and_loads(base_dir, world_dir):
+    for name in ("model_index.json", "loss.csv", "samples.png", "unet/diffusion_pytorch_model.safetensors"):
+        assert (base_dir / name).exists(), name
+    policy = load_policy(ModelConfig(pretrained=str(base_dir), kind="sd15"))
+    assert policy.resolution == 32 and policy.latent_shape == (12, 16, 16)
+    cond = policy.encode_prompts(load_world(world_dir).validation_prompts[:2])
+    eps = policy.guided_eps(torch.randn(2, *policy.latent_shape), torch.tensor(500), cond, 5.0)
+    assert eps.shape == (2, 12, 16, 16) and torch.isfinite(eps).all()
+
+
+def test_killed_pretraining_resumes_to_identical_weights(root, world_dir):
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    resumable = pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_resume"))
+    with pytest.raises(Killed):
+        train_base(resumable, load_world(world_dir), on_log=kill_at_3)
+    resumed = train_base(resumable, load_world(world_dir))
+    assert resumed.start_step == 2 and resumed.steps_run == 2
+    straight = train_base(pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_straight")), load_world(world_dir))
+    for a, b in zip(resumed.policy.unet.state_dict().values(), straight.policy.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [loss for _, loss in resumed.losses] == [loss for _, loss in straight.losses]
+    with pytest.raises(ValueError, match="different pretraining configuration"):
+        train_base(pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_resume"), lr=1e-3), load_world(world_dir))
+
+
+@pytest.fixture(scope="module")
+def prefs_dir(root, world_dir, base_dir):
+    cfg = ToyPrefsConfig(world_dir=str(world_dir), base_dir=str(base_dir), output_dir=str(root / "prefs"),
+                         n_train_prompts=24, n_validation_prompts=12, sampler=MICRO_SAMPLER)
+    metrics = execute("toy_prefs", cfg, toy_prefs.run)
+    assert metrics["train_pairs"] == 24 and metrics["validation_pairs"] == 12
+    assert 0.0 <= metrics["train_tie_share"] <= 1.0
+    assert metrics["validation_renderer_reward"] > metrics["validation_base_reward"]
+    return root / "prefs"
+
+
+def test_prefs_dataset_is_pickapic_readable(prefs_dir, world_dir):
+    df = read_preference_dataset(prefs_dir / "train.parquet")
+    assert len(df) == 24 and {"reward_0", "reward_1"} <= set(df.columns)
+    assert ((df["label_0"] + df["label_1"]) == 1).all()
+    val = read_preference_dataset(prefs_dir / "validation.parquet")
+    assert set(val["caption"]) <= set(load_world(world_dir).validation_prompts)
+    # Labels point at the higher reward, or are ties for near-equal rewards.
+    decided = df[df["label_0"] != 0.5]
+    assert ((decided["reward_0"] - decided["reward_1"]).abs() >= 0.01).all()
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(root, world_dir, prefs_dir):
+    cfg = ToyPickScoreConfig(world_dir=str(world_dir), prefs_dir=str(prefs_dir), output_dir=str(root / "pickscore"),
+                             arch=MICRO_CLIP, clip_steps=3, clip_batch_size=8, pref_steps=3, pref_batch_size=8,
+                             warmup_steps=1)
+    metrics = execute("toy_pickscore", cfg, toy_pickscore.run)
+    assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and metrics["train_pairs"] == 24
+    return root / "pickscore"
+
+
+def test_toy_pickscore_loads_as_clip(pickscore_dir):
+    model = CLIPModel.from_pretrained(str(pickscore_dir))
+    assert model.config.vision_config.image_size == 32 and model.config.vision_config.patch_size == 4
+    assert (pickscore_dir / "model.safetensors").exists() and (pickscore_dir / "preprocessor_config.json").exists()
+
+
+def test_toy_scorers_registered_and_scoring(pickscore_dir, world_dir):
+    assert {"toy_reward", "toy_alignment", "toy_quality", "toy_pickscore"} <= set(available_scorers())
+    prompts = load_world(world_dir).validation_prompts[:4]
+    images = render_prompts(prompts, 32, 0)
+    big = torch.nn.functional.interpolate(images, size=64, mode="nearest")
+    for name, path in [("toy_reward", None), ("toy_reward", str(world_dir)), ("toy_alignment", str(world_dir)),
+                       ("toy_quality", None), ("toy_pickscore", str(pickscore_dir))]:
+        scorer = build_scorer(name, path=path)
+        s = scorer.score(images, prompts)
+        assert s.shape == (4,) and torch.isfinite(s).all(), name
+        # Any image size works; the ground truth resizes by area averaging (exact here), ClipScorer bicubically.
+        assert torch.allclose(scorer.score(big, prompts), s, atol=1e-4 if name != "toy_pickscore" else 0.05), name
+    truth = build_scorer("toy_reward").score(images, prompts)
+    noise = build_scorer("toy_reward").score(torch.rand_like(images), prompts)
+    assert bool((truth > noise).all())
+    with pytest.raises(ValueError, match="needs path"):
+        build_scorer("toy_pickscore")
+    with pytest.raises(ValueError, match="bad options"):
+        build_scorer("toy_reward", colour=1)
