@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 CFG = {
     "train_spo": {
-        "model": {"pretrained": "tiny:sd15", "kind": "sd15"},
+        "model": {"pretrained": "tiny:sd15", "kind": "sd15", "resolution": 16},
         "sampler": {"num_steps": 4, "kappa": 1000, "k": 2, "threshold": 0.0},
         "lora": {"rank": 2},
         "optim": {"lr": 1.0e-3},

@@ -137,14 +137,15 @@ def test_zero_lora_equals_base_and_perturbed_lora_differs(result):
 
 def test_same_seeds_reproduce_base_across_runs_order_and_batch(result, loras):
     # A fresh run, another batch size, the LoRA (kohya export this time) loaded *before* the base:
-    # the base must still equal the first run's base exactly (the adapter is removed after use).
+    # the base must still equal the first run's base (the adapter is removed after use). Another batch
+    # size changes the float summation order, so scores agree to rounding and 8-bit pixels to one level.
     policy = load_policy(TINY)
     models = [ModelSpec("pert", loras["pert"] / KOHYA_WEIGHT_NAME), ModelSpec("base")]
     again = evaluate_models(policy, models, PROMPTS, scorers(), images_per_prompt=2, seed=7, sampler=SAMPLER,
                             batch_size=5, grid_prompts=2)
     for m in ("base", "pert"):
-        pd.testing.assert_frame_equal(_model(again, m), _model(result, m))
-        assert torch.equal(again.grid_images[m], result.grid_images[m])
+        pd.testing.assert_frame_equal(_model(again, m), _model(result, m), rtol=1e-3, atol=1e-5)
+        assert (again.grid_images[m] - result.grid_images[m]).abs().max() <= 1 / 255 + 1e-6
     assert not any("lora" in n for n, _ in policy.unet.named_parameters())
 
 
