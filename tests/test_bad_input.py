@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from spo_core.config import ConfigError, LoraConfig, ModelConfig, load_spo_config
 from spo_core.models.diffusion import ModelLoadError, load_policy

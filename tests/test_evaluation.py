@@ -44,13 +44,6 @@ SAMPLER = EvalSamplerConfig(num_steps=3)
 TINY = ModelConfig(pretrained="tiny:sd15")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run faster on one thread, and much faster when other processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

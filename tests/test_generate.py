@@ -20,12 +20,6 @@ TINY = ModelConfig(pretrained="tiny:sd15")
 COMMON = ["--model", "tiny:sd15", "--steps", "2", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

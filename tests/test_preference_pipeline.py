@@ -40,14 +40,6 @@ from spo_core.preference.train import load_inputs, pair_correct, pair_scores, ru
 from spo_core.scorers.base import build_scorer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spinning
-    # makes them 10x slower (0.8 s vs 8-11 s per tiny-UNet batch measured under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -25,14 +25,6 @@ from spo_core.scorers.base import available_scorers, build_scorer
 from spo_core.scorers.preprocess import ScorerLoadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spinning
-    # makes them 10x slower (0.8 s vs 8-11 s per tiny-UNet batch measured under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
