@@ -30,7 +30,8 @@ def test_examples_and_articles():
     assert format_prompt(o) == "an orange square on a gray background"
     assert parse("an orange square on a gray background") == o
     assert parse("a blue diamond in the centre on a black background").position == "centre"
-    assert parse("a large cyan triangle on the left on a brown background") == Scene("cyan", "triangle", "brown", "large", "left")
+    expected = Scene("cyan", "triangle", "brown", "large", "left")
+    assert parse("a large cyan triangle on the left on a brown background") == expected
 
 
 @pytest.mark.parametrize("bad", ["a orange square on a gray background", "a red hexagon on a white background",

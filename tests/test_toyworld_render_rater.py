@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spo_core.toyworld.config import LabelConfig, WorldConfig
-from spo_core.toyworld.grammar import Scene, parse, split_prompts
+from spo_core.toyworld.grammar import parse, split_prompts
 from spo_core.toyworld.rater import COMPONENTS, rate, rate_prompts, simulate_labels
 from spo_core.toyworld.render import render, render_batch, render_prompts
 
@@ -125,3 +125,16 @@ def test_labels_follow_bradley_terry_with_ties():
     assert set(lab.unique().tolist()) <= {0.0, 1.0}
     again = simulate_labels(r0, torch.full((n,), 0.5), cfg, torch.Generator().manual_seed(0))[0]
     assert torch.equal(again, l0)  # deterministic under the generator's seed
+
+
+def test_reward_is_invariant_under_left_right_mirroring(batch):
+    # The toy PickScore's augmentation relies on it: mirrored pairs keep their labels.
+    from spo_core.toyworld.toy_pickscore import mirror
+
+    prompts, _, images = batch
+    noisy = (images + 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    flipped, captions = mirror(noisy, prompts)
+    assert any("left" in p for p in prompts) and captions != prompts
+    a, b = rate_prompts(noisy, prompts, WORLD), rate_prompts(flipped, captions, WORLD)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key

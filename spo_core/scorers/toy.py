@@ -32,7 +32,8 @@ def load_world_config(path: str | Path | None) -> WorldConfig:
     file = p / WORLD_JSON if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"toy scorer: '{path}' is neither a toy world directory nor its {WORLD_JSON}: "
-                                "point scorer.path at the toy_world stage's output (or leave it null for the default world)")
+                                "point scorer.path at the toy_world stage's output (or leave it null for the "
+                                "default world)")
     return WorldConfig.model_validate(json.loads(file.read_text())["world"])
 
 
@@ -76,6 +77,7 @@ register_scorer("toy_quality")(_ground_truth("quality", "toy_quality"))
 def build_toy_pickscore(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> ClipScorer:
     """The toy PickScore (``logit_scale.exp() * cos``) from the toy_pickscore stage's output directory."""
     if path is None:
-        raise ValueError("scorer 'toy_pickscore' needs path: the toy_pickscore stage's output (e.g. artifacts/toy/pickscore)")
+        raise ValueError("scorer 'toy_pickscore' needs path: the toy_pickscore stage's output "
+                         "(e.g. artifacts/toy/pickscore)")
     opts = parse_options(ToyPickScoreOptions, options, "toy_pickscore")
     return ClipScorer.from_pretrained(path, device=device, name="toy_pickscore", batch_size=opts.batch_size)

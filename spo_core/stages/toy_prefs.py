@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def _take(prompts: list[str], n: int | None, what: str) -> list[str]:
     if n is not None and n > len(prompts):
-        raise ValueError(f"{what}={n} but the world has only {len(prompts)} such prompts: lower it or set it to null (all)")
+        raise ValueError(f"{what}={n} but the world has only {len(prompts)} such prompts: "
+                         "lower it or set it to null (all)")
     return prompts if n is None else prompts[:n]
 
 
@@ -38,10 +39,12 @@ def run(cfg: ToyPrefsConfig) -> dict:
     policy = load_policy(ModelConfig(pretrained=cfg.base_dir, kind="sd15"))
     metrics: dict = {}
     with atomic_dir(cfg.output_dir) as tmp:
-        for split, prompts, file in (
+        splits = (
             ("train", _take(world.train_prompts, cfg.n_train_prompts, "n_train_prompts"), TRAIN_FILE),
-            ("validation", _take(world.validation_prompts, cfg.n_validation_prompts, "n_validation_prompts"), VALIDATION_FILE),
-        ):
+            ("validation", _take(world.validation_prompts, cfg.n_validation_prompts, "n_validation_prompts"),
+             VALIDATION_FILE),
+        )
+        for split, prompts, file in splits:
             pairs = build_pairs(policy, prompts, world.config, cfg.sampler, cfg.labels, cfg.seed, split)
             write_preference_dataset(pairs.frame, tmp / file)
             metrics.update(pair_statistics(pairs, split))

@@ -24,7 +24,8 @@ def text_config(tokenizer: CLIPTokenizer, hidden: int, layers: int, heads: int =
     cfg.num_attention_heads = heads
     cfg.max_position_embeddings = tokenizer.model_max_length
     # Pooling reads the first end-of-text token: take the ids from the tokenizer itself.
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    cfg.pad_token_id = tokenizer.pad_token_id
     return cfg
 
 

@@ -4,7 +4,9 @@ Each pixel is unmixed as ``background + a * (object colour - background)`` plus 
 object amount is ``a * fit`` and its background amount ``(1 - a) * fit``, where ``fit`` is 1 for a
 residual within ``colour_near`` (RGB distance), 0 beyond ``colour_far``, linear between, and ``a``
 is rescaled so that values within ``unmix_deadzone`` of 0 or 1 become 0 or 1. So anti-aliased
-edges count by their coverage and any other colour counts as neither.
+edges count by their coverage and any other colour counts as neither. Amounts count only within
+one pixel of a coherent region (the 3x3 median of the amount map), so that scattered pixels of the
+right colour (noise) do not make an object.
 
 alignment (does the image show the prompt?), weighted mean of
   * ``colour``     min(1, object amount / A_lo, A_hi / object amount), [A_lo, A_hi] the object
@@ -50,7 +52,8 @@ def _membership(d: torch.Tensor, cfg: RaterConfig) -> torch.Tensor:
     return ((cfg.colour_far - d) / (cfg.colour_far - cfg.colour_near)).clamp(0.0, 1.0)
 
 
-def _unmix(images: torch.Tensor, colour: torch.Tensor, background: torch.Tensor, cfg: RaterConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _unmix(images: torch.Tensor, colour: torch.Tensor, background: torch.Tensor,
+           cfg: RaterConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel (object, background) amounts, each (B, R, R).
 
     A pixel is read as ``background + a * (colour - background)`` plus a residual: the object
@@ -93,6 +96,14 @@ def _median3x3(images: torch.Tensor) -> torch.Tensor:
     return _median3(max_low, _median3(*mids), min_high)
 
 
+def _coherent(amount: torch.Tensor) -> torch.Tensor:
+    """Keep amounts only near coherent regions: scattered pixels that happen to have the right
+    colour (noise, confetti) are not an object. The 3x3 median finds the coherent cores; growing
+    them by one pixel gives back the edges and corners that the median erodes."""
+    core = F.max_pool2d(_median3x3(amount), kernel_size=3, stride=1, padding=1)
+    return amount * (2 * core).clamp(max=1.0)
+
+
 def _alignment(images: torch.Tensor, st: SceneTensors, world: WorldConfig) -> dict[str, torch.Tensor]:
     cfg, res = world.rater, images.shape[-1]
     n_px = res * res
@@ -102,6 +113,7 @@ def _alignment(images: torch.Tensor, st: SceneTensors, world: WorldConfig) -> di
     area_lo = math.pi * (torch.nan_to_num(st.size, nan=smallest) * res * (1 - world.size_jitter)) ** 2
     area_hi = math.pi * (torch.nan_to_num(st.size, nan=largest) * res * (1 + world.size_jitter)) ** 2
     obj, bg = _unmix(images, st.colour, st.background, cfg)
+    obj, bg = _coherent(torch.stack([obj, bg], dim=1)).unbind(dim=1)
     mass = obj.sum(dim=(1, 2))
     presence = (2 * mass / area_lo).clamp(max=1.0)
     # Too much of the colour (e.g. noise, or a smeared object) costs as much as too little.
@@ -144,7 +156,8 @@ def _weighted(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torc
 
 
 @torch.no_grad()
-def rate(images: torch.Tensor, scenes: list[Scene] | SceneTensors, world: WorldConfig | None = None) -> dict[str, torch.Tensor]:
+def rate(images: torch.Tensor, scenes: list[Scene] | SceneTensors,
+         world: WorldConfig | None = None) -> dict[str, torch.Tensor]:
     """Score images (B, 3, R, R) in [0, 1] against their scenes; returns (B,) tensors.
 
     Keys: ``reward``, ``alignment``, ``quality`` and every name in :data:`COMPONENTS`. Images at

@@ -23,7 +23,8 @@ def _draw_params(st, world: WorldConfig, rng: np.random.Generator) -> tuple[torc
     u = torch.from_numpy(rng.random((n, 9))).float()  # one row of uniforms per scene, fixed layout
     jitter_pos = (u[:, 0:2] * 2 - 1) * world.position_jitter
     centre = torch.where(st.position.isnan(), lo + (hi - lo) * u[:, 0:2], st.position + jitter_pos)
-    size = torch.where(st.size.isnan(), smin + (smax - smin) * u[:, 2], st.size * (1 + (u[:, 2] * 2 - 1) * world.size_jitter))
+    jittered = st.size * (1 + (u[:, 2] * 2 - 1) * world.size_jitter)
+    size = torch.where(st.size.isnan(), smin + (smax - smin) * u[:, 2], jittered)
     colour = (st.colour + (u[:, 3:6] * 2 - 1) * world.colour_jitter).clamp(0, 1)
     background = (st.background + (u[:, 6:9] * 2 - 1) * world.colour_jitter).clamp(0, 1)
     return centre, size, colour, background
@@ -45,7 +46,8 @@ def render(scene: Scene, resolution: int, rng: np.random.Generator, world: World
     return render_batch([scene], resolution, rng, world)[0]
 
 
-def render_prompts(prompts: list[str], resolution: int, seed: int | list[int], world: WorldConfig | None = None) -> torch.Tensor:
+def render_prompts(prompts: list[str], resolution: int, seed: int | list[int],
+                   world: WorldConfig | None = None) -> torch.Tensor:
     """Render prompts (parsed with the grammar) from a seed: the "perfect model" for these prompts."""
     world = world or WorldConfig()
     return render_batch(parse_many(prompts, world), resolution, np.random.default_rng(seed), world)

@@ -1,7 +1,9 @@
 """The toy PickScore: a tiny CLIPModel trained like PickScore on the toy preference pairs.
 
 Phase 1 (``clip_steps``) trains it as a CLIP (the library's symmetric contrastive loss) on freshly
-rendered training scenes and their captions, standing in for the CLIP that PickScore starts from.
+rendered training scenes and their captions, standing in for the CLIP that PickScore starts from;
+most renders are degraded (noise, colour blotches) and a share of each batch are the training
+pairs' base samples with their prompts, so that it can read captions in base samples.
 Phase 2 (``pref_steps``) trains the whole model with PickScore's objective: score =
 ``logit_scale.exp() * cos(image, text)``, tie-aware 2-way softmax cross-entropy over the pair
 (:func:`spo_core.losses.preference_loss`). Images are preprocessed exactly as
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +28,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, get_co
 
 from ..data.pickapic import decode_image
 from ..losses import preference_loss
+from ..scorers.pickscore import clip_similarity
 from ..scorers.preprocess import clip_preprocess
 from .config import ToyPickScoreConfig
 from .grammar import parse_many
@@ -80,12 +84,60 @@ class _Encoder:
     def scores(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         img = self.model.get_image_features(pixel_values=self.pixels(images)).pooler_output
         txt = self.model.get_text_features(**self.text(captions)).pooler_output
-        return self.model.logit_scale.exp() * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+        return clip_similarity(img, txt, self.model.logit_scale.exp())
 
     def pair_scores(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         n = images.shape[0]
         s = self.scores(torch.cat([images[:, 0], images[:, 1]]), captions + captions)
         return s[:n], s[n:]
+
+
+def degrade(images: torch.Tensor, cfg: ToyPickScoreConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Pixel noise plus smooth colour blotches of random strength on a share of the images.
+
+    Base samples are noisy blobs; a CLIP that has only seen clean renders cannot read the
+    caption's colours in them. Each image gets noise std ~ U(0, clip_noise) and blotches
+    (a 4x4 random field upsampled) of std ~ U(0, clip_blotch) with probability clip_degrade.
+    """
+    n, _, h, w = images.shape
+    u = torch.from_numpy(rng.random((n, 3))).float()
+    on = (u[:, 0] < cfg.clip_degrade).float().view(n, 1, 1, 1)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    pixel = torch.randn(images.shape, generator=gen) * (u[:, 1] * cfg.clip_noise).view(n, 1, 1, 1)
+    coarse = torch.randn((n, 3, 4, 4), generator=gen) * (u[:, 2] * cfg.clip_blotch).view(n, 1, 1, 1)
+    blotch = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (images + on * (pixel + blotch)).clamp(0.0, 1.0)
+
+
+def clip_batch(step: int, cfg: ToyPickScoreConfig, world: LoadedWorld, scenes: list, train: PairTensors
+               ) -> tuple[torch.Tensor, list[str]]:
+    """Phase-1 batch: (mostly degraded) renders of training scenes plus a share of base samples
+    from the training pairs, each with its own caption (labels are not used here)."""
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    n_base = min(round(cfg.clip_base_share * cfg.clip_batch_size), 2 * len(train.captions))
+    n_render = min(cfg.clip_batch_size - n_base, len(scenes))
+    idx = rng.choice(len(scenes), size=n_render, replace=False)
+    renders = degrade(render_batch([scenes[i] for i in idx], world.config.resolution, rng, world.config), cfg, rng)
+    captions = [world.train_prompts[i] for i in idx]
+    if n_base:
+        flat = rng.choice(2 * len(train.captions), size=n_base, replace=False)
+        base = train.images[flat // 2, flat % 2].float() / 255
+        renders = torch.cat([renders, base])
+        captions += [train.captions[i] for i in flat // 2]
+    return renders, captions
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def mirror(images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Flip images left-right and swap "left"/"right" in their captions.
+
+    The ground-truth reward is exactly invariant under this (every shape is left-right
+    symmetric), so mirrored pairs keep their labels: twice the preference data for free.
+    """
+    swap = {"left": "right", "right": "left"}
+    return images.flip(-1), [_LEFT_RIGHT.sub(lambda m: swap[m.group(1)], c) for c in captions]
 
 
 def _optimiser(model: CLIPModel, lr: float, cfg: ToyPickScoreConfig, steps: int):
@@ -144,10 +196,8 @@ def train_toy_pickscore(cfg: ToyPickScoreConfig, world: LoadedWorld, train: Pair
         opt, sched = _optimiser(model, cfg.clip_lr, cfg, cfg.clip_steps)
         window: list[float] = []
         for step in tqdm(range(cfg.clip_steps), desc="toy pickscore (clip)"):
-            rng = np.random.default_rng([cfg.seed, 1, step])
-            idx = rng.choice(len(scenes), size=min(cfg.clip_batch_size, len(scenes)), replace=False)
-            images = render_batch([scenes[i] for i in idx], wcfg.resolution, rng, wcfg)
-            out = model(**enc.text([world.train_prompts[i] for i in idx]), pixel_values=enc.pixels(images), return_loss=True)
+            images, captions = clip_batch(step, cfg, world, scenes, train)
+            out = model(**enc.text(captions), pixel_values=enc.pixels(images), return_loss=True)
             _step(opt, sched, model, out.loss)
             window.append(out.loss.item())
             if (step + 1) % log_every == 0 or step + 1 == cfg.clip_steps:
@@ -165,7 +215,10 @@ def train_toy_pickscore(cfg: ToyPickScoreConfig, world: LoadedWorld, train: Pair
         for step in tqdm(range(cfg.pref_steps), desc="toy pickscore (pref)"):
             rng = np.random.default_rng([cfg.seed, 2, step])
             idx = rng.choice(n, size=min(cfg.pref_batch_size, n), replace=False)
-            s0, s1 = enc.pair_scores(train.images[idx], [train.captions[i] for i in idx])
+            images, captions = train.images[idx], [train.captions[i] for i in idx]
+            if cfg.pref_mirror and rng.random() < 0.5:
+                images, captions = mirror(images, captions)
+            s0, s1 = enc.pair_scores(images, captions)
             loss = preference_loss(s0, s1, train.labels[idx, 0], train.labels[idx, 1])
             _step(opt, sched, model, loss)
             window.append(loss.item())
