@@ -12,8 +12,24 @@ An ablation is data (:class:`AblationSpec`, YAML under ``spo_core/ablations/`` o
       set: ["loras={lora: '{out}/train/lora'}", "output_dir={out}/eval"]
     variants:                         # name -> overrides of the train stage's section
       k2: ["sampler.k=2"]
-      k4: ["sampler.k=4"]
+      k4: {set: ["sampler.k=4"]}      # the same, long form
+      d3po: {stage: train_d3po, set: []}   # long form: another training stage (method tables)
     columns: ["train_spo.final_loss", "evaluate.lora/brightness/mean"]   # optional; default all
+
+Placeholders in ``set``: ``{out}`` is the variant's folder; ``{run}`` is the training run's folder
+``<output_root>/runs/<stage>-<hash of its resolved config>``, so that variants of different tables
+with the same configuration (e.g. the default SPO row of every ablation) train once: a finished
+run (``done.json``) is reused, not retrained.
+
+A ``compare`` step (instead of, or besides, per-variant ``evaluate``) evaluates the base model and
+every variant's LoRA together, once, on the same prompts and seeds (paired differences against the
+base), and the table then has one row per model:
+
+    compare:
+      stage: evaluate
+      lora: "{run}/lora"              # each variant's LoRA
+      set: ["output_dir={root}/compare"]   # {root} = <output_root>/<table>
+    efficiency_reference: ddpo       # optional: compute each variant needs to reach this one's final reward
 
 Each variant calls the same stage functions as DVC and Prefect do
 (:func:`spo_core.stages.common.execute` with the stage's ``run``) inside its own MLflow run,
@@ -26,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import typing
@@ -34,11 +51,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from . import tracking
 from .config import ConfigError, Strict, load_section, validate_section
 from .reporting import markdown_table, write_text_atomic
+from .utils import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +67,9 @@ __all__ = [
 
 SPEC_DIR = Path(__file__).parent / "ablations"
 OUT = "{out}"  # placeholder for the variant's output folder in StageStep.set
+RUN = "{run}"  # placeholder for the (shared, config-addressed) training run folder
+ROOT = "{root}"  # placeholder for the table's folder (compare step)
+DONE = "done.json"  # a finished training run: its stage metrics
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 MapVariants = Callable[["AblationSpec", list[str], "str | None"], dict[str, dict[str, float]]]
@@ -59,26 +80,63 @@ class StageStep(Strict):
     set: list[str] = Field(default_factory=list)  # overrides for every variant; "{out}" -> the variant folder
 
 
+class Variant(Strict):
+    stage: str | None = None  # the training stage; None: the spec's train.stage
+    set: list[str] = Field(default_factory=list)  # overrides of that stage's section
+
+
+class CompareStep(Strict):
+    stage: str = "evaluate"
+    lora: str = "{run}/lora"  # where each variant's LoRA is ("{run}", "{out}" filled in per variant)
+    set: list[str] = Field(default_factory=list)  # "{root}" -> <output_root>/<table>
+
+
 class AblationSpec(Strict):
     table: str = Field(pattern=_NAME)
     description: str = ""
+    paper: str = ""  # the paper's numbers for this table (markdown), printed beside ours in the report
     params: str = "params.yaml"
     train: StageStep = StageStep(stage="train_spo", set=["train.output_dir={out}/train"])
     evaluate: StageStep | None = None
-    variants: dict[str, list[str]] = Field(min_length=1)
+    compare: CompareStep | None = None
+    variants: dict[str, Variant] = Field(min_length=1)
     columns: list[str] | None = None  # table columns (as in the default table); None: every metric
+    efficiency_reference: str | None = None  # a variant: compute each needs to reach its final reward
     output_root: str = "artifacts/ablations"
     report_dir: str = "reports"
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # name: [overrides] is short for name: {set: [overrides]}
+            return {k: {"set": x} if isinstance(x, list) else x for k, x in v.items()}
+        return v
+
     @field_validator("variants")
     @classmethod
-    def _variant_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+    def _variant_names(cls, v: dict[str, Variant]) -> dict[str, Variant]:
         import re
 
         bad = [n for n in v if not re.match(_NAME, n)]
         if bad:
             raise ValueError(f"variant names {bad} must be letters, digits, '_', '.', '-' (they name folders and runs)")
+        if "base" in v:
+            raise ValueError("no variant may be named 'base': that is the model without LoRA in compare tables")
         return v
+
+    @model_validator(mode="after")
+    def _reference_known(self) -> "AblationSpec":
+        if self.efficiency_reference is not None and self.efficiency_reference not in self.variants:
+            raise ValueError(f"efficiency_reference '{self.efficiency_reference}' is not a variant: "
+                             f"choose one of {sorted(self.variants)}")
+        return self
+
+    def train_stage(self, variant: str) -> str:
+        return self.variants[variant].stage or self.train.stage
+
+    def overrides(self, variant: str) -> str:
+        v = self.variants[variant]
+        return " ".join(([f"stage={v.stage}"] if v.stage else []) + v.set)
 
     @property
     def steps(self) -> list[StageStep]:
@@ -133,22 +191,70 @@ def variant_dir(spec: AblationSpec, variant: str) -> Path:
     return Path(spec.output_root) / spec.table / variant
 
 
+def table_dir(spec: AblationSpec) -> Path:
+    return Path(spec.output_root) / spec.table
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].strip()
 
 
-def step_overrides(step: StageStep, out: Path, variant: list[str] | None = None) -> list[str]:
-    """The variant's own overrides, then the step's wiring with ``{out}`` filled in.
+def _fill(text: str, out: Path, run: Path | None = None, root: Path | None = None) -> str:
+    text = text.replace(OUT, out.as_posix())
+    if run is not None:
+        text = text.replace(RUN, run.as_posix())
+    return text.replace(ROOT, root.as_posix()) if root is not None else text
+
+
+def step_overrides(step: StageStep, out: Path, variant: list[str] | None = None, run: Path | None = None) -> list[str]:
+    """The variant's own overrides, then the step's wiring with ``{out}`` (and ``{run}``) filled in.
 
     A variant may not set a key the wiring sets (its outputs would collide with another variant's).
     """
     variant = list(variant or [])
-    wiring = [s.replace(OUT, out.as_posix()) for s in step.set]
+    wiring = [_fill(s, out, run) for s in step.set]
     clash = sorted({_key(v) for v in variant} & {_key(w) for w in wiring})
     if clash:
         raise ConfigError(f"variant overrides set {clash}, which the ablation spec wires per variant: "
                           f"drop them from the variant")
     return variant + wiring
+
+
+def _input_fingerprint(value: Any, digest: Any, skip: tuple[str, ...]) -> None:
+    """Fold (path, size, mtime) of every existing file a config names into ``digest``, so that a
+    retrained input (a new base model, new prompts) never lets a stale training run be reused.
+    Paths starting with ``skip`` (the variant's own outputs) are left out."""
+    if isinstance(value, dict):
+        for v in value.values():
+            _input_fingerprint(v, digest, skip)
+    elif isinstance(value, list):
+        for v in value:
+            _input_fingerprint(v, digest, skip)
+    elif (isinstance(value, str) and value and len(value) < 1000 and not value.startswith(skip)
+          and Path(value).exists()):
+        p = Path(value)
+        for f in sorted([p] if p.is_file() else (x for x in p.rglob("*") if x.is_file())):
+            st = f.stat()
+            digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+
+
+def run_dir(spec: AblationSpec, variant: str) -> Path:
+    """``<output_root>/runs/<stage>-<hash>``: the training run's folder, addressed by its resolved
+    configuration and its inputs' fingerprint, so equal configurations share one run."""
+    import hashlib
+
+    stage = spec.train_stage(variant)
+    placeholder = Path("RUN_PLACEHOLDER")
+    overrides = step_overrides(spec.train, variant_dir(spec, variant), spec.variants[variant].set, placeholder)
+    cfg_cls, _ = stage_entry(stage)
+    cfg = load_section(spec.params, stage, cfg_cls, overrides)
+    dump = cfg.model_dump(mode="json")
+    # The variant's own folder ({out}) must not split otherwise equal runs.
+    out = variant_dir(spec, variant).as_posix()
+    text = json.dumps(dump, sort_keys=True).replace(out, "@out@")
+    digest = hashlib.sha256(f"{stage}\n{text}".encode())
+    _input_fingerprint(dump, digest, (out, placeholder.as_posix()))
+    return Path(spec.output_root) / "runs" / f"{stage}-{digest.hexdigest()[:12]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,16 +280,24 @@ def _scoped_env(**values: str | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _uses_run(spec: AblationSpec) -> bool:
+    texts = [*spec.train.set, *(spec.evaluate.set if spec.evaluate else []),
+             *([spec.compare.lora, *spec.compare.set] if spec.compare else [])]
+    return any(RUN in t for t in texts)
+
+
 def variant_plan(spec: AblationSpec, variant: str) -> list[tuple[str, BaseModel, Callable[[Any], dict]]]:
     """``(stage, validated config, run)`` per step of one variant: bad overrides fail here, before any run."""
     if variant not in spec.variants:
         raise ConfigError(f"ablation '{spec.table}' has no variant '{variant}': choose one of {sorted(spec.variants)}")
     out = variant_dir(spec, variant)
+    run = run_dir(spec, variant) if _uses_run(spec) else None
     plan = []
     for i, step in enumerate(spec.steps):
-        overrides = step_overrides(step, out, spec.variants[variant] if i == 0 else None)
-        cfg_cls, run = stage_entry(step.stage)
-        plan.append((step.stage, load_section(spec.params, step.stage, cfg_cls, overrides), run))
+        stage = spec.train_stage(variant) if i == 0 else step.stage
+        overrides = step_overrides(step, out, spec.variants[variant].set if i == 0 else None, run)
+        cfg_cls, run_fn = stage_entry(stage)
+        plan.append((stage, load_section(spec.params, stage, cfg_cls, overrides), run_fn))
     return plan
 
 
@@ -191,21 +305,34 @@ def run_variant(spec: AblationSpec, variant: str, parent_run_id: str | None = No
     """Run the spec's stages for one variant; return its metrics as ``<stage>.<metric>``.
 
     Stage metrics files go to ``<variant dir>/metrics``; the MLflow runs are ``<variant>`` (nested
-    under ``parent_run_id``) with one child per stage. Safe in a worker process; not in parallel
+    under ``parent_run_id``) with one child per stage. With ``{run}`` wiring a finished training run
+    of the same configuration is reused (tag ``reused``). Safe in a worker process; not in parallel
     threads of one process (the environment and the global RNGs are per process).
     """
     from .stages.common import execute
 
     plan = variant_plan(spec, variant)
     out = variant_dir(spec, variant)
-    tags = {"stage": "ablation_variant", "ablation": spec.table, "variant": variant}
+    shared = run_dir(spec, variant) if _uses_run(spec) else None
+    done = shared / DONE if shared is not None else None
+    reused = done is not None and done.is_file()
+    tags = {"stage": "ablation_variant", "ablation": spec.table, "variant": variant, "reused": str(reused).lower()}
+    if shared is not None:
+        tags["run_dir"] = shared.as_posix()
     row: dict[str, float] = {}
-    with tracking.stage_run(variant, params={"overrides": " ".join(spec.variants[variant])},
+    with tracking.stage_run(variant, params={"overrides": spec.overrides(variant)},
                             nested_parent=parent_run_id, tags=tags) as run:
         with _scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None):
-            for stage, cfg, run_fn in plan:
-                log.info("ablation %s, variant %s: stage %s", spec.table, variant, stage)
-                metrics = execute(stage, cfg, run_fn)
+            for i, (stage, cfg, run_fn) in enumerate(plan):
+                if i == 0 and reused:
+                    log.info("ablation %s, variant %s: reusing the finished run %s", spec.table, variant, shared)
+                    metrics = json.loads(done.read_text())
+                else:
+                    log.info("ablation %s, variant %s: stage %s", spec.table, variant, stage)
+                    metrics = execute(stage, cfg, run_fn)
+                    if i == 0 and done is not None:
+                        with atomic_file(done, "w") as fh:
+                            json.dump(metrics, fh, indent=1, default=float)
                 row.update({f"{stage}.{k}": v for k, v in metrics.items()})
         tracking.log_metrics(row)
     return row
@@ -216,43 +343,114 @@ def run_sequential(spec: AblationSpec, variants: list[str], parent_run_id: str |
     return {v: run_variant(spec, v, parent_run_id) for v in variants}
 
 
+def compare_plan(spec: AblationSpec, variants: list[str]) -> tuple[str, BaseModel, Callable[[Any], dict]]:
+    """The joint evaluation of the base and every variant's LoRA (same prompts and seeds)."""
+    import yaml
+
+    assert spec.compare is not None
+    root = table_dir(spec)
+    loras = {}
+    for v in variants:
+        run = run_dir(spec, v) if RUN in spec.compare.lora else None
+        loras[v] = _fill(spec.compare.lora, variant_dir(spec, v), run, root)
+    overrides = [_fill(s, root, None, root) for s in spec.compare.set]
+    overrides.append("loras=" + yaml.safe_dump(loras, default_flow_style=True).strip())
+    cfg_cls, run_fn = stage_entry(spec.compare.stage)
+    return spec.compare.stage, load_section(spec.params, spec.compare.stage, cfg_cls, overrides), run_fn
+
+
+def run_compare(spec: AblationSpec, variants: list[str], parent_run_id: str | None) -> dict[str, float]:
+    from .stages.common import execute
+
+    stage, cfg, run_fn = compare_plan(spec, variants)
+    with tracking.stage_run("compare", params={"variants": " ".join(variants)}, nested_parent=parent_run_id,
+                            tags={"stage": "ablation_compare", "ablation": spec.table}) as run:
+        with _scoped_env(SPO_METRICS_DIR=str(table_dir(spec) / "metrics"),
+                         SPO_PARENT_RUN_ID=run.info.run_id if run else None):
+            return execute(stage, cfg, run_fn)
+
+
+def _select(spec: AblationSpec, df: pd.DataFrame, fixed: list[str]) -> pd.DataFrame:
+    if spec.columns is None:
+        return df
+    missing = [c for c in spec.columns if c not in df.columns]
+    if missing:
+        have = sorted(c for c in df.columns if c not in fixed)
+        raise ConfigError(f"ablation '{spec.table}': columns {missing} are not among the metrics {have}: "
+                          "fix 'columns' in the spec")
+    return df[[*fixed, *spec.columns]]
+
+
 def build_table(spec: AblationSpec, rows: dict[str, dict[str, float]]) -> pd.DataFrame:
     """One row per variant (in spec order): ``variant``, ``overrides``, then the metric columns."""
-    records = [{"variant": v, "overrides": " ".join(spec.variants[v]), **rows[v]} for v in spec.variants if v in rows]
-    df = pd.DataFrame.from_records(records)
-    if spec.columns is not None:
-        missing = [c for c in spec.columns if c not in df.columns]
-        if missing:
-            have = sorted(c for c in df.columns if c not in ("variant", "overrides"))
-            raise ConfigError(f"ablation '{spec.table}': columns {missing} are not among the metrics {have}: "
-                              "fix 'columns' in the spec")
-        df = df[["variant", "overrides", *spec.columns]]
-    return df
+    records = [{"variant": v, "overrides": spec.overrides(v), **rows[v]} for v in spec.variants if v in rows]
+    return _select(spec, pd.DataFrame.from_records(records), ["variant", "overrides"])
 
 
-def write_report(spec: AblationSpec, df: pd.DataFrame) -> Path:
-    """``<report_dir>/<table>.md``: a title, what was varied, and the table."""
-    stages = " + ".join(s.stage for s in spec.steps)
+def build_compare_table(spec: AblationSpec, rows: dict[str, dict[str, float]], compared: dict[str, float],
+                        extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """One row per model (``base``, then the variants): the compare step's ``<scorer>/<statistic>``
+    and the variant's training metrics as ``train.<metric>`` (the stage name dropped, so methods
+    with different training stages share columns); ``extra`` adds columns per variant."""
+    records = []
+    for model in ["base", *[v for v in spec.variants if v in rows]]:
+        rec: dict[str, Any] = {"variant": model, "overrides": "" if model == "base" else spec.overrides(model)}
+        prefix = f"{model}/"
+        rec.update({k[len(prefix):]: v for k, v in compared.items() if k.startswith(prefix)})
+        if model != "base":
+            stage = spec.train_stage(model)
+            rec.update({f"train.{k[len(stage) + 1:]}": v for k, v in rows[model].items() if k.startswith(stage + ".")})
+            rec.update((extra or {}).get(model, {}))
+        records.append(rec)
+    return _select(spec, pd.DataFrame.from_records(records), ["variant", "overrides"])
+
+
+def write_report(spec: AblationSpec, df: pd.DataFrame, sections: list[str] | None = None) -> Path:
+    """``<report_dir>/<table>.md``: a title, what was varied, the table, extra sections, the paper's numbers."""
+    stages = " + ".join(sorted({spec.train_stage(v) for v in spec.variants}) + [s.stage for s in spec.steps[1:]]
+                        + ([f"{spec.compare.stage} (joint)"] if spec.compare else []))
     text = (f"# Ablation: {spec.table}\n\n" + (f"{spec.description.strip()}\n\n" if spec.description.strip() else "")
-            + f"Stages: {stages}; base parameters: `{spec.params}` (section `{spec.train.stage}`); "
-            f"outputs under `{Path(spec.output_root) / spec.table}`.\n\n" + markdown_table(df))
+            + f"Stages: {stages}; base parameters: `{spec.params}`; outputs under `{table_dir(spec)}`.\n\n"
+            + markdown_table(df))
+    for section in sections or []:
+        text += "\n" + section.strip() + "\n"
+    if spec.paper.strip():
+        text += "\n## The paper's numbers\n\n" + spec.paper.strip() + "\n"
     return write_text_atomic(text, Path(spec.report_dir) / f"{spec.table}.md")
 
 
 def run_ablation(spec: AblationSpec, map_variants: MapVariants = run_sequential,
                  variants: list[str] | None = None) -> pd.DataFrame:
     """Run the variants (all, or the named ones) under one MLflow run; log and write the table."""
+    from .efficiency import efficiency
+
     names = list(spec.variants) if variants is None else list(variants)
     unknown = [v for v in names if v not in spec.variants]
     if unknown:
         raise ConfigError(f"ablation '{spec.table}' has no variants {unknown}: choose from {sorted(spec.variants)}")
     for v in names:  # a bad override or a missing section fails before anything runs
         variant_plan(spec, v)
+    compare_md = None
+    if spec.compare is not None:
+        compare_md = Path(compare_plan(spec, names)[1].output_dir) / "table.md"
     tags = {"stage": "ablation", "ablation": spec.table}
     with tracking.stage_run(f"ablation-{spec.table}", params=spec.model_dump(mode="json"), tags=tags) as run:
-        rows = map_variants(spec, names, run.info.run_id if run else None)
-        df = build_table(spec, rows)
-        path = write_report(spec, df)
+        parent = run.info.run_id if run else None
+        rows = map_variants(spec, names, parent)
+        sections: list[str] = []
+        if compare_md is None:
+            df = build_table(spec, rows)
+        else:
+            compared = run_compare(spec, names, parent)
+            eff = efficiency(spec, names, rows)
+            df = build_compare_table(spec, rows, compared, eff.columns)
+            if compare_md.is_file():
+                sections.append("## Evaluation (paired: the same prompts and seeds for every model)\n\n"
+                                + compare_md.read_text())
+            sections.extend(eff.sections)
+            for image in eff.images:
+                tracking.log_artifact(image)
+        path = write_report(spec, df, sections)
         tracking.log_table(df, spec.table)
         tracking.log_artifact(path)
     log.info("ablation %s written to %s\n%s", spec.table, path, markdown_table(df))

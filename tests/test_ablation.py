@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -98,7 +99,7 @@ def test_stage_entry_and_variant_plan_validate_before_running():
         stage_entry("nope")
     (stage, cfg, _), = variant_plan(load_spec("tiny_k"), "k4")
     assert stage == "train_spo" and cfg.sampler.k == 4 and cfg.train.output_dir == "artifacts/ablations/tiny_k/k4/train"
-    spec = load_spec("tiny_k").model_copy(update={"variants": {"bad": ["sampler.k=1"]}})
+    spec = AblationSpec.model_validate({**load_spec("tiny_k").model_dump(), "variants": {"bad": ["sampler.k=1"]}})
     with pytest.raises(ConfigError, match="sampler.k"):
         variant_plan(spec, "bad")
     with pytest.raises(ConfigError, match="no variant 'zz'"):
@@ -188,3 +189,96 @@ def test_ablation_flow_runs_variants_as_parallel_tasks_on_the_tiny_profile(workd
     stages = runs[runs["tags.mlflow.parentRunId"].isin(variants["run_id"])]
     assert sorted(stages["tags.mlflow.runName"]) == ["evaluate", "evaluate", "train_spo", "train_spo"]
     assert (runs["status"] == "FINISHED").all()
+
+
+# ----------------------------------------------------------------------------------------------
+# variants of other stages, shared training runs, joint comparison
+
+
+def test_variant_forms_and_spec_checks():
+    spec = prompts_spec(variants={"a": ["num_train=1"], "b": {"stage": "noisy_pairs", "set": ["x=1"]}})
+    assert spec.variants["a"].stage is None and spec.variants["a"].set == ["num_train=1"]
+    assert spec.train_stage("a") == "prompts" and spec.train_stage("b") == "noisy_pairs"
+    assert spec.overrides("b") == "stage=noisy_pairs x=1"
+    with pytest.raises(ValueError, match="'base'"):
+        prompts_spec(variants={"base": []})
+    with pytest.raises(ValueError, match="efficiency_reference 'zz'"):
+        prompts_spec(efficiency_reference="zz")
+
+
+def test_equal_configurations_share_one_training_run(workdir, tracked):
+    from spo_core.ablation import run_dir
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump(PROMPTS_PARAMS))
+    train = {"stage": "prompts", "set": ["output_dir={run}"]}
+    first = prompts_spec(table="t1", train=train, variants={"n1": ["num_train=1"], "n3": ["num_train=3"]})
+    second = prompts_spec(table="t2", train=train, variants={"one": ["num_train=1"]})
+    assert run_dir(first, "n1") == run_dir(second, "one") != run_dir(first, "n3")
+    assert run_dir(first, "n1").parent == workdir.joinpath("artifacts/ablations/runs").relative_to(workdir)
+
+    run_ablation(first)
+    done = workdir / run_dir(first, "n1") / "done.json"
+    stamp = done.stat().st_mtime_ns
+    df = run_ablation(second)
+    assert df["prompts.num_train"].tolist() == [1] and done.stat().st_mtime_ns == stamp  # not rerun
+    runs = tracked().set_index("tags.mlflow.runName")
+    assert runs.loc["one", "tags.reused"] == "true" and runs.loc["n3", "tags.reused"] == "false"
+    # A changed input (here the prompt source file's content) gives a new run folder.
+    (workdir / "p.txt").write_text("x\ny\n")
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"prompts": {"train": {"source": "text", "path": "p.txt"},
+                                                                     "eval": {"source": "list", "prompts": ["e", "f"]}}}))
+    before = run_dir(second, "one")
+    (workdir / "p.txt").write_text("x\ny\nz\n")
+    assert run_dir(second, "one") != before
+
+
+def test_efficiency_curve_and_compute_to_reach():
+    from spo_core.efficiency import compute_to_reach, curve
+
+    hist = [{"round": 0, "seconds": 2.0, "cumulative_unet_evals": 10},
+            {"round": 1, "seconds": 3.0, "cumulative_unet_evals": 20, "monitor_r": 0.5},
+            {"round": 2, "seconds": 1.0, "cumulative_unet_evals": 30},
+            {"round": 3, "seconds": 4.0, "cumulative_unet_evals": 40, "monitor_r": 0.7}]
+    c = curve(hist, start=0.4)
+    assert c["unet_evals"].tolist() == [0, 20, 40] and c["seconds"].tolist() == [0, 5, 10]
+    assert c["reward"].tolist() == [0.4, 0.5, 0.7]
+    assert compute_to_reach(c, 0.45) == (20.0, 5.0) and compute_to_reach(c, 0.7) == (40.0, 10.0)
+    assert all(np.isnan(compute_to_reach(c, 0.8)))
+
+
+@pytest.mark.slow
+def test_method_table_compares_every_variant_with_the_base_on_the_same_seeds(workdir, tracked):
+    from spo_core.config import read_profile
+
+    spo = read_profile("tiny")["train_spo"]
+    spo["sampler"].update(num_steps=2)
+    spo["train"].update(rounds=2, prompts_per_round=1, export_kohya=False)
+    spo["monitor"] = {"scorer": {"name": "brightness"}, "prompts": {"source": "list", "prompts": ["a", "b"]},
+                      "num_prompts": 2, "every": 1}
+    d3po = {k: v for k, v in spo.items() if k not in ("sampler", "loss")}
+    d3po["sampler"] = {"num_steps": 2, "guidance_scale": spo["sampler"].get("guidance_scale", 5.0)}
+    evaluate = {"model": spo["model"], "prompts": {"source": "list", "prompts": ["a red circle", "a blue square"]},
+                "sampler": {"num_steps": 2}, "scorers": [{"name": "brightness"}], "n_boot": 100, "grid_prompts": 0,
+                "device": "cpu"}
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"train_spo": spo, "train_d3po": d3po, "evaluate": evaluate}))
+    spec = AblationSpec.model_validate({
+        "table": "methods", "train": {"stage": "train_spo", "set": ["train.output_dir={run}"]},
+        "compare": {"stage": "evaluate", "lora": "{run}/lora", "set": ["output_dir={root}/compare"]},
+        "variants": {"d3po": {"stage": "train_d3po"}, "spo": []}, "efficiency_reference": "d3po",
+        "paper": "| method | PickScore |\n|---|---|\n| SPO | 21.43 |"})
+
+    df = run_ablation(spec)
+
+    assert df["variant"].tolist() == ["base", "d3po", "spo"]
+    assert df.loc[0, "overrides"] == "" and np.isnan(df.loc[0, "train.total_unet_evals"])
+    assert (df.loc[1:, "train.total_unet_evals"] > 0).all()
+    for col in ("brightness/mean", "brightness/ci_low", "brightness/ci_high"):
+        assert df[col].notna().all()
+    assert df.loc[1:, "brightness/winrate_vs_base"].between(0, 1).all()
+    assert df.loc[1, "efficiency.unet_evals_to_reference"] <= df.loc[1, "efficiency.unet_evals"]
+    report = (workdir / "reports/methods.md").read_text()
+    assert "## Evaluation (paired" in report and "## Training efficiency" in report and "21.43" in report
+    assert (workdir / "reports/methods_efficiency.png").stat().st_size > 1000
+    assert (workdir / "artifacts/ablations/methods/compare/summary.csv").exists()
+    runs = tracked()
+    assert "compare" in runs["tags.mlflow.runName"].tolist()

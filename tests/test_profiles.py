@@ -41,3 +41,37 @@ def test_real_profiles_carry_the_paper_defaults():
     assert sd15["train_pm"]["optim"]["lr"] == 3e-6 and sdxl["train_pm"]["optim"]["lr"] == 1e-6
     assert sd15["train_pm"]["max_steps"] == 8000 and sdxl["train_pm"]["max_steps"] == 7000
     assert len(sd15["evaluate"]["scorers"]) == 4
+
+
+def _dvc_stages() -> dict:
+    import yaml
+
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("profile", ["toy", "sd15", "sdxl"])
+def test_dvc_yaml_runs_under_every_pipeline_profile(profile):
+    # `spo params PROFILE > params.yaml && dvc repro` needs every stage's params section, and each
+    # stage must write the very output path that dvc.yaml declares.
+    raw = read_profile(profile)
+    for name, stage in _dvc_stages().items():
+        assert name in raw, f"profile {profile} lacks section '{name}' that dvc.yaml's stage reads"
+        mod, cls = SECTIONS[name]
+        cfg = validate_section(getattr(importlib.import_module(mod), cls), raw[name], f"{profile}.{name}")
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+        written = getattr(cfg, "output_dir", None) or cfg.train.output_dir
+        assert written in outs, f"{profile}.{name} writes {written}, dvc.yaml expects {outs}"
+
+
+def test_disabled_toy_stage_writes_only_a_marker(tmp_path, monkeypatch):
+    from spo_core.stages import toy_world
+    from spo_core.stages.common import SKIPPED_MARKER
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPO_METRICS_DIR", str(tmp_path / "metrics"))
+    (tmp_path / "params.yaml").write_text("toy_world: {enabled: false, output_dir: out/world}\n")
+    assert toy_world.main([]) == 0
+    assert [p.name for p in (tmp_path / "out/world").iterdir()] == [SKIPPED_MARKER]
+    assert '"skipped": 1' in (tmp_path / "metrics/toy_world.json").read_text()

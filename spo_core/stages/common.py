@@ -43,8 +43,26 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+SKIPPED_MARKER = "SKIPPED.txt"
+
+
+def skip_stage(stage: str, cfg: BaseModel) -> dict[str, Any]:
+    """A stage the active profile turns off (``enabled: false``, e.g. the toy world under sd15):
+    its output is a marker file, so DVC's graph stays the same for every profile."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / SKIPPED_MARKER, "w") as fh:
+        fh.write(f"stage '{stage}' is disabled by the active profile (enabled: false)\n")
+    metrics = {"skipped": 1}
+    write_metrics(stage, metrics)
+    log.info("stage %s is disabled by the profile: wrote %s", stage, out / SKIPPED_MARKER)
+    return metrics
+
+
 def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``metrics/<stage>.json``."""
+    if getattr(cfg, "enabled", True) is False:
+        return skip_stage(stage, cfg) if is_main_process() else {}
     t0 = time.perf_counter()
     if not is_main_process():
         return dict(run_fn(cfg) or {})

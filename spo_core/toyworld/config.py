@@ -120,11 +120,19 @@ class WorldConfig(Strict):
         return self
 
 
+class ToyStage(Strict):
+    """A toy-world stage. The real profiles set ``enabled: false``: the stage then only writes a
+    marker output, so the one dvc.yaml serves every profile (see spo_core.stages.common)."""
+
+    enabled: bool = True
+    output_dir: str
+
+
 class TokenizerConfig(Strict):
     max_length: int = Field(default=77, ge=8)  # CLIP's context length; pipelines pad to it
 
 
-class ToyWorldConfig(Strict):
+class ToyWorldConfig(ToyStage):
     """Stage ``toy_world``: prompt files, the world description and the tokenizer."""
 
     world: WorldConfig = WorldConfig()
@@ -171,7 +179,7 @@ class SampleConfig(Strict):
     batch_size: int = Field(default=64, ge=1)
 
 
-class ToyPretrainConfig(Strict):
+class ToyPretrainConfig(ToyStage):
     """Stage ``toy_pretrain``: the tiny SD-architecture base model trained on rendered images."""
 
     world_dir: str = "artifacts/toy/world"
@@ -205,7 +213,7 @@ class LabelConfig(Strict):
     tie_margin: float = Field(default=0.01, ge=0)
 
 
-class ToyPrefsConfig(Strict):
+class ToyPrefsConfig(ToyStage):
     """Stage ``toy_prefs``: pairs of base samples labelled by the simulated human (Pick-a-Pic schema)."""
 
     world_dir: str = "artifacts/toy/world"
@@ -234,7 +242,7 @@ class ClipArch(Strict):
         return self
 
 
-class ToyPickScoreConfig(Strict):
+class ToyPickScoreConfig(ToyStage):
     """Stage ``toy_pickscore``: a tiny CLIP trained with the PickScore objective on the toy pairs.
 
     Like PickScore (a CLIP fine-tuned on preferences), it is first trained contrastively on rendered
