@@ -206,18 +206,25 @@ def _fill(text: str, out: Path, run: Path | None = None, root: Path | None = Non
     return text.replace(ROOT, root.as_posix()) if root is not None else text
 
 
-def step_overrides(step: StageStep, out: Path, variant: list[str] | None = None, run: Path | None = None) -> list[str]:
-    """The variant's own overrides, then the step's wiring with ``{out}`` (and ``{run}``) filled in.
+def _wires_a_path(text: str) -> bool:
+    return any(p in text for p in (OUT, RUN, ROOT))
 
-    A variant may not set a key the wiring sets (its outputs would collide with another variant's).
+
+def step_overrides(step: StageStep, out: Path, variant: list[str] | None = None, run: Path | None = None) -> list[str]:
+    """The step's settings, the variant's own overrides, then the step's output wiring.
+
+    Settings without a placeholder (e.g. ``train.rounds=30`` for every variant) come first, so a
+    variant may change them; wiring with ``{out}``/``{run}``/``{root}`` comes last, and a variant may
+    not set those keys (its outputs would collide with another variant's).
     """
     variant = list(variant or [])
-    wiring = [_fill(s, out, run) for s in step.set]
+    settings = [s for s in step.set if not _wires_a_path(s)]
+    wiring = [_fill(s, out, run) for s in step.set if _wires_a_path(s)]
     clash = sorted({_key(v) for v in variant} & {_key(w) for w in wiring})
     if clash:
         raise ConfigError(f"variant overrides set {clash}, which the ablation spec wires per variant: "
                           f"drop them from the variant")
-    return variant + wiring
+    return settings + variant + wiring
 
 
 def _input_fingerprint(value: Any, digest: Any, skip: tuple[str, ...]) -> None:

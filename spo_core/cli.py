@@ -3,6 +3,7 @@
     spo train-spo --config params.yaml --set sampler.k=8 [--resume]
     spo params sd15 > params.yaml        # switch the pipeline to a profile
     spo profiles                          # list the packaged profiles
+    spo ablation toy_methods toy_k        # ablation tables, one after another (spo_core/tables.py)
 
 Every stage sub-command is the same entrypoint DVC calls (``python -m spo_core.stages.<stage>``).
 """
@@ -54,12 +55,16 @@ def _stage_argv(rest: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="spo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted([*STAGES, "params", "profiles"]))
+    parser.add_argument("command", choices=sorted([*STAGES, "ablation", "params", "profiles"]))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     args, rest = parser.parse_known_args(argv[:1])
     rest = argv[1:]
+    if args.command == "ablation":
+        from .tables import main as tables_main
+
+        return tables_main(rest)
     if args.command == "profiles":
         print("\n".join(available_profiles()))
         return 0

@@ -282,3 +282,23 @@ def test_method_table_compares_every_variant_with_the_base_on_the_same_seeds(wor
     assert (workdir / "artifacts/ablations/methods/compare/summary.csv").exists()
     runs = tracked()
     assert "compare" in runs["tags.mlflow.runName"].tolist()
+
+
+def test_variants_may_change_the_specs_settings_but_not_its_wiring():
+    step = StageStep(stage="train_spo", set=["train.rounds=3", "train.output_dir={run}"])
+    got = step_overrides(step, Path("o"), ["train.rounds=5"], Path("r"))
+    assert got == ["train.rounds=3", "train.rounds=5", "train.output_dir=r"]  # the later value wins
+
+
+def test_spo_ablation_command_runs_tables_one_after_another(workdir, tracked, capsys):
+    from spo_core.cli import main
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump(PROMPTS_PARAMS))
+    for table in ("ta", "tb"):
+        (workdir / f"{table}.yaml").write_text(yaml.safe_dump(prompts_spec(table=table).model_dump(mode="json")))
+    assert main(["ablation", "ta.yaml", "tb.yaml", "--variant", "n1"]) == 0
+    for table in ("ta", "tb"):
+        assert "| n1 " in (workdir / f"reports/{table}.md").read_text()
+    assert not (workdir / "artifacts/ablations/ta/n3").exists()
+    assert main(["ablation", "ta.yaml", "nope"]) == 2
+    assert "unknown ablation 'nope'" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+"""``spo ablation SPEC [SPEC ...]``: ablation tables one after another in this process.
+
+No Prefect server is needed and the variants run sequentially, so the wall times in the
+efficiency plots are not shared with other variants. ``python -m flows.ablation SPEC`` (or the
+``ablation/table`` deployment) runs the same :func:`spo_core.ablation.run_ablation` with the
+variants as parallel Prefect tasks on GPU slots instead.
+
+    spo ablation toy_methods                       # Table 2 shape -> reports/toy_methods.md
+    spo ablation toy_methods toy_resampler toy_pm toy_k toy_inner_steps toy_kappa toy_pair
+    spo ablation toy_k --variant k2 --params params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .ablation import available_specs, load_spec, run_ablation
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spo ablation", description="Run ablation tables sequentially.",
+                                     epilog=f"packaged specs: {', '.join(available_specs())}")
+    parser.add_argument("specs", nargs="+", help="spec names (spo_core/ablations/<name>.yaml) or YAML paths")
+    parser.add_argument("--params", help="params file or profile instead of each spec's")
+    parser.add_argument("--variant", action="append", dest="variants", help="run only this variant (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        specs = [load_spec(s) for s in args.specs]  # every spec validated before the first runs
+        for spec in specs:
+            if args.params:
+                spec = spec.model_copy(update={"params": args.params})
+            t0 = time.perf_counter()
+            run_ablation(spec, variants=args.variants)
+            log.info("table %s done in %.1f min", spec.table, (time.perf_counter() - t0) / 60)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
