@@ -52,10 +52,17 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
         assert key in ev
     assert (repo / "artifacts/spo/lora/pytorch_lora_weights.safetensors").exists()
     assert (repo / "artifacts/evaluate/table.md").read_text().startswith("#")
+    monitored = json.loads((repo / "metrics/train_spo_monitor.json").read_text())
+    assert monitored[0]["round"] == -1 and all("monitor_toy_reward" in m for m in monitored)
     assert "stages:" not in (repo / "dvc.lock").read_text() or "train_spo" in (repo / "dvc.lock").read_text()
     # Nothing to do on a second repro: every stage is cached.
     out = _sh(["dvc", "status"], repo, env)
     assert "changed" not in out
+    # A variant as a DVC experiment: only the stages whose params changed (and what follows) rerun.
+    out = _sh(["dvc", "exp", "run", "-S", "train_spo.sampler.k=3", "-n", "k3"], repo, env)
+    assert "Running stage 'train_spo'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'toy_pretrain'" not in out
+    assert "k3" in _sh(["dvc", "exp", "show", "--csv"], repo, env)
 
     import mlflow
 

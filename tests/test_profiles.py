@@ -72,6 +72,8 @@ def test_disabled_toy_stage_writes_only_a_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPO_METRICS_DIR", str(tmp_path / "metrics"))
     (tmp_path / "params.yaml").write_text("toy_world: {enabled: false, output_dir: out/world}\n")
+    (tmp_path / "out/world").mkdir(parents=True)
+    (tmp_path / "out/world/train_prompts.txt").write_text("left over from the toy profile\n")
     assert toy_world.main([]) == 0
     assert [p.name for p in (tmp_path / "out/world").iterdir()] == [SKIPPED_MARKER]
     assert '"skipped": 1' in (tmp_path / "metrics/toy_world.json").read_text()

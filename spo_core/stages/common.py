@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from .. import tracking
 from ..config import ConfigError, load_section
-from ..utils import atomic_file
+from ..utils import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ SKIPPED_MARKER = "SKIPPED.txt"
 
 def skip_stage(stage: str, cfg: BaseModel) -> dict[str, Any]:
     """A stage the active profile turns off (``enabled: false``, e.g. the toy world under sd15):
-    its output is a marker file, so DVC's graph stays the same for every profile."""
+    its output is a marker file (replacing whatever was there), so DVC's graph stays the same for
+    every profile."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / SKIPPED_MARKER, "w") as fh:
-        fh.write(f"stage '{stage}' is disabled by the active profile (enabled: false)\n")
+    with atomic_dir(out) as tmp:
+        (tmp / SKIPPED_MARKER).write_text(f"stage '{stage}' is disabled by the active profile (enabled: false)\n")
     metrics = {"skipped": 1}
     write_metrics(stage, metrics)
     log.info("stage %s is disabled by the profile: wrote %s", stage, out / SKIPPED_MARKER)

@@ -63,6 +63,13 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
         curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
         with atomic_file(metrics_path(f"{stage}_curve"), "w") as fh:
             json.dump(curve, fh, indent=1)
+        # The monitored reward has its own plot file: DVC plots need the field in every row.
+        monitored = [{"round": -1, **start}] if start else []
+        monitored += [{"round": h["round"], **{k: v for k, v in h.items() if k.startswith("monitor_")}}
+                      for h in hist if any(k.startswith("monitor_") for k in h)]
+        if monitored:
+            with atomic_file(metrics_path(f"{stage}_monitor"), "w") as fh:
+                json.dump(monitored, fh, indent=1)
         tracking.log_artifact(res["lora_dir"], "lora")
     last = hist[-1] if hist else {}
     out = {
