@@ -7,13 +7,11 @@ environment variables, global RNG state or an accelerator context. The work itse
 test can call without Prefect.
 
     prefect deployment run ablation/table -p spec=tiny_k --watch       # executed by flows/serve.py
-    python -m flows.ablation tiny_k [--params FILE] [--variant k2 ...]  # in this process (server needed)
+    python -m flows.ablation tiny_k [--params FILE] [--variant k2 ...]  # same options as `spo ablation` (server needed)
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 from prefect import flow, task
@@ -22,7 +20,7 @@ from prefect.futures import wait
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from spo_core.ablation import AblationSpec, load_spec, run_ablation, run_variant
-from spo_core.config import ConfigError
+from spo_core.tables import main as tables_main
 
 GPU_TAG = "gpu"
 
@@ -61,17 +59,10 @@ def ablation(spec: str, params: str | None = None, variants: list[str] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.ablation", description="Run an ablation table.")
-    parser.add_argument("spec", help="spec name (spo_core/ablations/<name>.yaml) or YAML path")
-    parser.add_argument("--params", help="params file or profile instead of the spec's")
-    parser.add_argument("--variant", action="append", dest="variants", help="run only this variant (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        ablation(spec=args.spec, params=args.params, variants=args.variants)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m flows.ablation SPEC [SPEC ...]``: the same command line as ``spo ablation``, each
+    table run by this flow (a Prefect server must be reachable)."""
+    return tables_main(argv, prog="python -m flows.ablation",
+                       run_table=lambda spec, params, variants: ablation(spec=spec, params=params, variants=variants))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from .ablation import available_specs, load_spec, run_ablation
 from .config import ConfigError
@@ -24,8 +25,21 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spo ablation", description="Run ablation tables sequentially.",
+RunTable = Callable[[str, "str | None", "list[str] | None"], object]
+
+
+def run_here(spec: str, params: str | None, variants: list[str] | None) -> None:
+    """One table in this process, its variants one after another."""
+    loaded = load_spec(spec)
+    if params:
+        loaded = loaded.model_copy(update={"params": params})
+    run_ablation(loaded, variants=variants)
+
+
+def main(argv: list[str] | None = None, prog: str = "spo ablation", run_table: RunTable = run_here) -> int:
+    """Parse ``SPEC [SPEC ...] [--params P] [--variant V ...]``, validate every spec, then run each
+    with ``run_table`` (here by default; ``flows/ablation.py`` passes its Prefect flow)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run ablation tables, one after another.",
                                      epilog=f"packaged specs: {', '.join(available_specs())}")
     parser.add_argument("specs", nargs="+", help="spec names (spo_core/ablations/<name>.yaml) or YAML paths")
     parser.add_argument("--params", help="params file or profile instead of each spec's")
@@ -34,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        specs = [load_spec(s) for s in args.specs]  # every spec validated before the first runs
-        for spec in specs:
-            if args.params:
-                spec = spec.model_copy(update={"params": args.params})
+        for name in args.specs:  # every spec validated before the first runs
+            load_spec(name)
+        for name in args.specs:
             t0 = time.perf_counter()
-            run_ablation(spec, variants=args.variants)
-            log.info("table %s done in %.1f min", spec.table, (time.perf_counter() - t0) / 60)
+            run_table(name, args.params, args.variants)
+            log.info("table %s done in %.1f min", name, (time.perf_counter() - t0) / 60)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

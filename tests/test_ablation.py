@@ -302,3 +302,6 @@ def test_spo_ablation_command_runs_tables_one_after_another(workdir, tracked, ca
     assert not (workdir / "artifacts/ablations/ta/n3").exists()
     assert main(["ablation", "ta.yaml", "nope"]) == 2
     assert "unknown ablation 'nope'" in capsys.readouterr().err
+    from flows.ablation import main as flow_main  # the Prefect flow's command line shares the parsing
+
+    assert flow_main(["ta.yaml", "nope"]) == 2 and not (workdir / "artifacts/ablations/ta/n3").exists()
