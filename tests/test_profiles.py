@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
+import yaml
 
 from spo_core.config import available_profiles, read_profile, validate_section
 
@@ -44,10 +46,6 @@ def test_real_profiles_carry_the_paper_defaults():
 
 
 def _dvc_stages() -> dict:
-    import yaml
-
-    from pathlib import Path
-
     return yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
 
 
