@@ -15,6 +15,13 @@ An ablation is data (:class:`AblationSpec`, YAML under ``spo_core/ablations/`` o
       k4: {set: ["sampler.k=4"]}      # the same, long form
       d3po: {stage: train_d3po, set: []}   # long form: another training stage (method tables)
     columns: ["train_spo.final_loss", "evaluate.lora/brightness/mean"]   # optional; default all
+    seeds: [0, 1]                     # optional: every variant trained once per seed (see below)
+
+With ``seeds``, every variant becomes one run per seed, named ``<variant>.s<seed>`` (the override
+``<seed_key>=<seed>``, default ``train.seed``, appended), and the report adds an across-seeds
+summary (mean, standard deviation, min and max over the seeds of each metric) per variant; the
+expanded names are in ``seed_groups``. Use it where the differences between variants are small
+next to the training noise.
 
 Placeholders in ``set``: ``{out}`` is the variant's folder; ``{run}`` is the training run's folder
 ``<output_root>/runs/<stage>-<hash of its resolved config>``, so that variants of different tables
@@ -75,6 +82,13 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MapVariants = Callable[["AblationSpec", list[str], "str | None"], dict[str, dict[str, float]]]
 
 
+def _long_form(variants: Any) -> Any:
+    """``name: [overrides]`` is short for ``name: {set: [overrides]}``."""
+    if isinstance(variants, dict):
+        return {k: {"set": x} if isinstance(x, list) else x for k, x in variants.items()}
+    return variants
+
+
 class StageStep(Strict):
     stage: str  # stage module spo_core.stages.<stage> and its params section
     set: list[str] = Field(default_factory=list)  # overrides for every variant; "{out}" -> the variant folder
@@ -102,15 +116,16 @@ class AblationSpec(Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     columns: list[str] | None = None  # table columns (as in the default table); None: every metric
     efficiency_reference: str | None = None  # a variant: compute each needs to reach its final reward
+    seeds: list[int] | None = Field(default=None, min_length=1)  # expanded into <variant>.s<seed> at validation
+    seed_key: str = "train.seed"  # the training stages' seed setting
+    seed_groups: dict[str, list[str]] = Field(default_factory=dict)  # derived from seeds: variant -> its runs
     output_root: str = "artifacts/ablations"
     report_dir: str = "reports"
 
     @field_validator("variants", mode="before")
     @classmethod
     def _short_form(cls, v: Any) -> Any:
-        if isinstance(v, dict):  # name: [overrides] is short for name: {set: [overrides]}
-            return {k: {"set": x} if isinstance(x, list) else x for k, x in v.items()}
-        return v
+        return _long_form(v)
 
     @field_validator("variants")
     @classmethod
@@ -124,12 +139,54 @@ class AblationSpec(Strict):
             raise ValueError("no variant may be named 'base': that is the model without LoRA in compare tables")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_seeds(cls, data: Any) -> Any:
+        """``seeds`` -> one variant per (variant, seed); ``seeds`` becomes None and ``seed_groups``
+        records the expansion, so that validating a dumped spec again does not expand twice."""
+        if not isinstance(data, dict) or data.get("seeds") is None:
+            return data
+        seeds, variants = data["seeds"], data.get("variants")
+        if data.get("seed_groups"):
+            raise ValueError("set 'seeds' (seed_groups is derived from it), not both")
+        if not isinstance(seeds, list) or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
+            raise ValueError(f"seeds must be a list of distinct integers, got {seeds!r}")
+        if not isinstance(variants, dict):
+            return data  # the field validators report the problem
+        key = data.get("seed_key", "train.seed")
+        expanded: dict[str, Any] = {}
+        groups: dict[str, list[str]] = {}
+        for name, v in _long_form(variants).items():
+            v = v.model_dump() if isinstance(v, BaseModel) else v
+            if not isinstance(v, dict):
+                expanded[name] = v  # the field validators report the problem
+                continue
+            overrides = list(v.get("set") or [])
+            if any(_key(o) == key for o in overrides):
+                raise ValueError(f"variant '{name}' sets {key}, which 'seeds' sets per run: drop one of them")
+            groups[name] = []
+            for seed in seeds:
+                run = f"{name}.s{seed}"
+                expanded[run] = {**v, "set": [*overrides, f"{key}={seed}"]}
+                groups[name].append(run)
+        return {**data, "variants": expanded, "seeds": None, "seed_groups": groups}
+
     @model_validator(mode="after")
     def _reference_known(self) -> "AblationSpec":
-        if self.efficiency_reference is not None and self.efficiency_reference not in self.variants:
-            raise ValueError(f"efficiency_reference '{self.efficiency_reference}' is not a variant: "
-                             f"choose one of {sorted(self.variants)}")
+        ref = self.efficiency_reference
+        if ref is not None and ref not in self.variants and ref not in self.seed_groups:
+            raise ValueError(f"efficiency_reference '{ref}' is not a variant: "
+                             f"choose one of {sorted(self.seed_groups or self.variants)}")
         return self
+
+    def seed_values(self) -> list[int]:
+        """The seeds a seed-expanded spec was expanded with (from the run names)."""
+        runs = next(iter(self.seed_groups.values()), [])
+        return [int(r.rsplit(".s", 1)[1]) for r in runs]
+
+    def runs_of(self, name: str) -> list[str]:
+        """The variants a (seed-expanded) variant name stands for."""
+        return self.seed_groups.get(name, [name])
 
     def train_stage(self, variant: str) -> str:
         return self.variants[variant].stage or self.train.stage
@@ -412,6 +469,26 @@ def build_compare_table(spec: AblationSpec, rows: dict[str, dict[str, float]], c
     return _select(spec, pd.DataFrame.from_records(records), ["variant", "overrides"])
 
 
+def seed_summary(spec: AblationSpec, df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per seed-expanded variant: ``mean ± sd`` over its seeds of every numeric column (confidence
+    bounds left out: they do not average); None for a spec without seeds."""
+    if not spec.seed_groups:
+        return None
+    metrics = [c for c in df.columns if c not in ("variant", "overrides") and pd.api.types.is_numeric_dtype(df[c])
+               and not c.endswith(("ci_low", "ci_high"))]
+    records = []
+    for name, runs in spec.seed_groups.items():
+        part = df[df["variant"].isin(runs)]
+        if part.empty:
+            continue
+        rec: dict[str, Any] = {"variant": name, "seeds": len(part)}
+        for c in metrics:
+            x = part[c].dropna()
+            rec[c] = "" if x.empty else (f"{x.mean():.4g} ± {x.std(ddof=1):.2g}" if len(x) > 1 else f"{x.mean():.4g}")
+        records.append(rec)
+    return pd.DataFrame.from_records(records) if records else None
+
+
 def write_report(spec: AblationSpec, df: pd.DataFrame, sections: list[str] | None = None) -> Path:
     """``<report_dir>/<table>.md``: a title, what was varied, the table, extra sections, the paper's numbers."""
     stages = " + ".join(sorted({spec.train_stage(v) for v in spec.variants}) + [s.stage for s in spec.steps[1:]]
@@ -431,7 +508,7 @@ def run_ablation(spec: AblationSpec, map_variants: MapVariants = run_sequential,
     """Run the variants (all, or the named ones) under one MLflow run; log and write the table."""
     from .efficiency import efficiency
 
-    names = list(spec.variants) if variants is None else list(variants)
+    names = list(spec.variants) if variants is None else [r for v in variants for r in spec.runs_of(v)]
     unknown = [v for v in names if v not in spec.variants]
     if unknown:
         raise ConfigError(f"ablation '{spec.table}' has no variants {unknown}: choose from {sorted(spec.variants)}")
@@ -457,6 +534,12 @@ def run_ablation(spec: AblationSpec, map_variants: MapVariants = run_sequential,
             sections.extend(eff.sections)
             for image in eff.images:
                 tracking.log_artifact(image)
+        summary = seed_summary(spec, df)
+        if summary is not None:
+            sections.insert(0, f"## Across seeds (mean ± standard deviation over the seeds {spec.seed_values()})\n\n"
+                            "Each variant trained once per seed (the rows `<variant>.s<seed>` above).\n\n"
+                            + markdown_table(summary))
+            tracking.log_table(summary, f"{spec.table}_seeds")
         path = write_report(spec, df, sections)
         tracking.log_table(df, spec.table)
         tracking.log_artifact(path)

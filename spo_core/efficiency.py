@@ -113,7 +113,9 @@ def efficiency(spec: "AblationSpec", names: list[str], rows: dict[str, dict[str,
     image = plot(curves, Path(spec.report_dir) / f"{spec.table}_efficiency.png", f"{spec.table}: reward vs compute")
     res.images.append(image)
     ref = spec.efficiency_reference
-    target = float(curves[ref]["reward"].iloc[-1]) if ref in curves else None
+    refs = [r for r in spec.runs_of(ref) if r in curves] if ref else []
+    # with seeds, the reference is the mean final reward over the reference's seeds
+    target = float(np.mean([curves[r]["reward"].iloc[-1] for r in refs])) if refs else None
     records = []
     for v, c in curves.items():
         cols = {"efficiency.final_reward": float(c["reward"].iloc[-1]),
@@ -124,7 +126,8 @@ def efficiency(spec: "AblationSpec", names: list[str], rows: dict[str, dict[str,
             cols.update({"efficiency.unet_evals_to_reference": evals, "efficiency.seconds_to_reference": secs})
         res.columns[v] = cols
         records.append({"variant": v, **{k.split(".", 1)[1]: x for k, x in cols.items()}})
-    what = (f"; `*_to_reference`: compute at the first monitored point reaching {ref}'s final reward "
+    whose = f"{ref}'s" if len(refs) == 1 else f"{ref}'s mean ({len(refs)} seeds)"
+    what = (f"; `*_to_reference`: compute at the first monitored point reaching {whose} final reward "
             f"({target:.4f}), NaN if never reached" if target is not None else "")
     res.sections.append(
         "## Training efficiency\n\n"

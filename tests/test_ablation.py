@@ -4,6 +4,7 @@ stage, and the Prefect flow (parallel variant tasks) on the tiny profile."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,46 @@ def test_spo_ablation_command_runs_tables_one_after_another(workdir, tracked, ca
     from flows.ablation import main as flow_main  # the Prefect flow's command line shares the parsing
 
     assert flow_main(["ta.yaml", "nope"]) == 2 and not (workdir / "artifacts/ablations/ta/n3").exists()
+
+
+def test_seeds_expand_every_variant_into_one_run_per_seed():
+    spec = prompts_spec(seeds=[0, 2], seed_key="seed", efficiency_reference="n1",
+                        variants={"n1": ["num_train=1"], "n2": {"set": ["num_train=2"]}})
+    assert list(spec.variants) == ["n1.s0", "n1.s2", "n2.s0", "n2.s2"]
+    assert spec.overrides("n2.s2") == "num_train=2 seed=2"
+    assert spec.seed_groups == {"n1": ["n1.s0", "n1.s2"], "n2": ["n2.s0", "n2.s2"]}
+    assert spec.seed_values() == [0, 2] and spec.runs_of("n1") == ["n1.s0", "n1.s2"] and spec.runs_of("x") == ["x"]
+    again = AblationSpec.model_validate(spec.model_dump(mode="json"))  # no second expansion
+    assert list(again.variants) == list(spec.variants) and again.seed_groups == spec.seed_groups
+    with pytest.raises(ValueError, match="variant 'n3' sets seed"):
+        prompts_spec(seeds=[0, 1], seed_key="seed")  # n3 sets seed=5 itself
+    with pytest.raises(ValueError, match="distinct integers"):
+        prompts_spec(seeds=[1, 1], variants={"a": []})
+
+
+def test_a_seeded_table_runs_each_seed_and_summarises_across_seeds(workdir, tracked):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(PROMPTS_PARAMS))
+    spec = prompts_spec(seeds=[0, 1], seed_key="seed", variants={"n1": ["num_train=1"], "n3": ["num_train=3"]},
+                        columns=["prompts.num_train"])
+
+    df = run_ablation(spec, variants=["n3"])  # a variant name selects all its seeds
+
+    assert df["variant"].tolist() == ["n3.s0", "n3.s1"]
+    assert (workdir / "artifacts/ablations/n_train/n3.s1/prompts/train.txt").read_text().count("\n") == 3
+    report = (workdir / "reports/n_train.md").read_text()
+    assert "## Across seeds (mean ± standard deviation over the seeds [0, 1])" in report
+    assert re.search(r"\| n3 +\| +2 \| 3 ± 0 +\|", report)
+    runs = tracked()
+    assert sorted(runs["tags.mlflow.runName"])[:2] == ["ablation-n_train", "n3.s0"]
+
+
+def test_seed_summary_is_the_mean_and_sd_over_seeds():
+    from spo_core.ablation import seed_summary
+
+    spec = prompts_spec(seeds=[0, 1], seed_key="seed", variants={"a": [], "b": []})
+    df = pd.DataFrame({"variant": ["base", "a.s0", "a.s1", "b.s0"], "overrides": "",
+                       "r/diff_vs_base": [np.nan, 0.1, 0.3, 0.05], "r/diff_ci_low": [np.nan, 0.0, 0.1, 0.0]})
+    got = seed_summary(spec, df).set_index("variant")
+    assert got.loc["a", "seeds"] == 2 and got.loc["a", "r/diff_vs_base"] == "0.2 ± 0.14"
+    assert got.loc["b", "r/diff_vs_base"] == "0.05" and "r/diff_ci_low" not in got.columns
+    assert seed_summary(prompts_spec(), df) is None
