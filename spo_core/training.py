@@ -109,6 +109,14 @@ class Checkpointer:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
+    def clear(self) -> int:
+        """Remove every checkpoint (a fresh run must not prune its own checkpoints in favour of, or
+        later resume from, those of an earlier run in a persisted output folder); returns how many."""
+        old = self.list()
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(old)
+
     def save(self, round_idx: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, history: list[dict]) -> Path:
         path = self.root / f"round-{round_idx:06d}"
         with atomic_dir(path) as tmp:
@@ -176,6 +184,11 @@ def train_rounds(
     opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
                             eps=optim_cfg.adam_eps)
     start, history = 0, []
+    if not resume and acc.is_main_process:
+        stale = ckpt.clear()
+        if stale:
+            log.warning("starting from round 0 (no --resume): removed %d checkpoint(s) of an earlier run in %s",
+                        stale, ckpt.root)
     if resume:
         last = ckpt.latest()
         if last is None:

@@ -166,6 +166,20 @@ def test_resume_is_bitwise_identical(accum, batch, first, make_policy, tiny_prom
     assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
 
 
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(make_policy, tiny_prompts, tmp_path):
+    # A persisted output folder (DVC `persist: true`) still holds a longer earlier run's
+    # checkpoints; a new run without --resume must neither keep them (pruning its own) nor let a
+    # later --resume continue from them.
+    lcfg, ocfg = LoraConfig(rank=4), OptimConfig(lr=1e-3)
+    train_rounds(make_policy("sd15"), spo(), tiny_prompts, lcfg, ocfg, tcfg(tmp_path, "run", rounds=4))
+    short = tcfg(tmp_path, "run", rounds=2)
+    train_rounds(make_policy("sd15"), spo(), tiny_prompts, lcfg, ocfg, short)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-000000", "round-000001"]
+    res = train_rounds(make_policy("sd15"), spo(), tiny_prompts, lcfg, ocfg, short.model_copy(update={"rounds": 3}),
+                       resume=True)
+    assert [h["round"] for h in res["history"]] == [0, 1, 2]  # continued the 2-round run, not the 4-round one
+
+
 def test_same_seed_same_lora_regardless_of_global_rng(make_policy, tiny_prompts, tmp_path):
     # train.seed should fix the run: the LoRA's random init must not depend on whatever the global
     # torch RNG happens to hold when training starts.
