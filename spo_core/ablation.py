@@ -19,7 +19,7 @@ An ablation is data (:class:`AblationSpec`, YAML under ``spo_core/ablations/`` o
 
 With ``seeds``, every variant becomes one run per seed, named ``<variant>.s<seed>`` (the override
 ``<seed_key>=<seed>``, default ``train.seed``, appended), and the report adds an across-seeds
-summary (mean, standard deviation, min and max over the seeds of each metric) per variant; the
+summary (mean ± standard deviation over the seeds of each metric) per variant; the
 expanded names are in ``seed_groups``. Use it where the differences between variants are small
 next to the training noise.
 
