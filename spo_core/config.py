@@ -44,6 +44,9 @@ class SamplingConfig(Strict):
     num_steps: int = Field(default=20, ge=2)
     guidance_scale: float = Field(default=5.0, ge=0.0)
     eta: float = Field(default=1.0, ge=0.0)
+    # Images decoded and scored per call: bounds the decoder's transient memory (SD-1.5 at 512 px
+    # decodes about 1 GiB of activations per image in fp16).
+    decode_batch_size: int = Field(default=64, ge=1)
 
 
 class SamplerConfig(SamplingConfig):
@@ -53,8 +56,9 @@ class SamplerConfig(SamplingConfig):
     # kappa=750 branches from t=751 (step index 4) as the reference code does; 1000 branches everywhere.
     kappa: int = Field(default=750, ge=0, le=1000)
     k: int = Field(default=4, ge=2)
-    # Transitions per segment: 1 is single-step SPO; j > 1 is the multi-step (SDXL) variant.
-    inner_steps: int = Field(default=1, ge=1)
+    # Solo steps after each branching step, as the reference's num_inner_step: 0 is single-step SPO;
+    # j > 0 is the multi-step (SDXL) variant with segments of j + 1 transitions (SDXL: j = 3).
+    inner_steps: int = Field(default=0, ge=0)
     threshold: float = Field(default=0.3, ge=0.0, lt=1.0)
     resampler: Literal["random", "win", "lose", "none"] = "random"
     pair: Literal["best_worst", "random"] = "best_worst"
@@ -73,6 +77,8 @@ class LoraConfig(Strict):
 
 
 class OptimConfig(Strict):
+    # adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only), a quarter of AdamW's state memory.
+    name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = Field(default=6e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -88,12 +94,15 @@ class SPOLossConfig(Strict):
 class TrainConfig(Strict):
     rounds: int = Field(default=10, ge=1)
     prompts_per_round: int = Field(default=10, ge=1)  # per process
-    train_batch_size: int = Field(default=8, ge=1)  # pairs per micro-batch
+    train_batch_size: int = Field(default=8, ge=1)  # items per micro-batch, per process
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     epochs_per_round: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=1, ge=1)  # rounds
     keep_checkpoints: int = Field(default=2, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Recompute the UNet's activations in the backward pass: far less memory, about a third more time.
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True  # TF32 matmuls and convolutions on Ampere and newer GPUs
     seed: int = 0
     output_dir: str = "artifacts/spo"
     save_merged: bool = False
@@ -159,8 +168,9 @@ class SPOConfig(TrainerBaseConfig):
     @field_validator("sampler")
     @classmethod
     def _sampler_ok(cls, v: SamplerConfig) -> SamplerConfig:
-        if v.inner_steps > v.num_steps:
-            raise ValueError(f"sampler.inner_steps={v.inner_steps} exceeds sampler.num_steps={v.num_steps}")
+        if v.inner_steps >= v.num_steps:
+            raise ValueError(f"sampler.inner_steps={v.inner_steps} must be below sampler.num_steps={v.num_steps} "
+                             f"(it counts the solo steps after each branching step)")
         return v
 
 

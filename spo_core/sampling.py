@@ -15,6 +15,7 @@ import torch
 
 from .config import SamplerConfig
 from .models.diffusion import Conditioning, DiffusionPolicy
+from .rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,18 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 # ------------------------------------------------------------------------------ pure maths
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the step arithmetic: float32 for fp16/bf16 latents (float64 stays float64).
+
+    In fp16, 1 - alpha_bar near t = 0 keeps only a few significant bits (at t = 51 the DDIM variance
+    term even turns negative), so schedule coefficients, the mean and the log-probability are
+    never computed in the latents' dtype.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def alphas_at(alphas_cumprod: torch.Tensor, final_alpha_cumprod: float | torch.Tensor, t: torch.Tensor,
@@ -51,19 +62,24 @@ def ddim_step_with_logprob(
     ``a``, ``a_prev`` are (B,) cumulative alphas at t and prev_t. Give ``noise`` to sample, or
     ``prev_sample`` to evaluate the log-probability of a given next sample. Returns
     (x_prev, log_prob (B,), mean, std (B,)); the log-probability is the MEAN over C, H, W, as in the
-    reference code (beta = 10 is on that scale).
+    reference code (beta = 10 is on that scale). The arithmetic runs in :func:`work_dtype` of the
+    latents (float32 for fp16/bf16); x_prev comes back in the latents' dtype, and its
+    log-probability is that of the stored (rounded) x_prev, so sampling and training agree.
     """
-    a_b, ap_b = _bcast(a, x_t), _bcast(a_prev, x_t)
-    x0 = (x_t - (1 - a_b).sqrt() * eps) / a_b.sqrt()
+    wd = work_dtype(x_t.dtype)
+    xw, ew = x_t.to(wd), eps.to(wd)
+    a, a_prev = a.to(device=x_t.device, dtype=wd), a_prev.to(device=x_t.device, dtype=wd)
+    a_b, ap_b = _bcast(a, xw), _bcast(a_prev, xw)
+    x0 = (xw - (1 - a_b).sqrt() * ew) / a_b.sqrt()
     var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     std = eta * var.clamp(min=0).sqrt()
-    std_b = _bcast(std, x_t)
-    mean = ap_b.sqrt() * x0 + (1 - ap_b - std_b**2).clamp(min=0).sqrt() * eps
+    std_b = _bcast(std, xw)
+    mean = ap_b.sqrt() * x0 + (1 - ap_b - std_b**2).clamp(min=0).sqrt() * ew
     if prev_sample is None:
         if noise is None:
             raise ValueError("ddim_step_with_logprob needs either noise or prev_sample")
-        prev_sample = mean + std_b * noise
-    logp = -((prev_sample.detach() - mean) ** 2) / (2 * std_b**2) - std_b.log() - _LOG_SQRT_2PI
+        prev_sample = (mean + std_b * noise.to(wd)).to(x_t.dtype)
+    logp = -((prev_sample.detach().to(wd) - mean) ** 2) / (2 * std_b**2) - std_b.log() - _LOG_SQRT_2PI
     return prev_sample, logp.mean(dim=tuple(range(1, x_t.ndim))), mean, std
 
 
@@ -184,11 +200,12 @@ def sample_trajectories(policy: DiffusionPolicy, cond: Conditioning, rng: RowRNG
 
 
 @dataclass
-class StepPairs:
+class StepPairs(Rows):
     """Win/lose transitions collected by the SPO sampler; one row per (win, lose) transition pair.
 
     When ``shared[i]`` is True the two transitions start from the same x_t (single-step SPO), so
     one policy and one reference evaluation at ``x_t_w[i]`` serve both log-probabilities.
+    ``order`` is the step index of the transition (a prompt has at most one pair per step).
     """
 
     x_t_w: torch.Tensor
@@ -201,24 +218,13 @@ class StepPairs:
     shared: torch.Tensor  # (N,) bool
     score_w: torch.Tensor  # (N,) float
     score_l: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.t.shape[0]
-
-    def select(self, idx: torch.Tensor) -> "StepPairs":
-        return StepPairs(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
-
-    def to(self, device) -> "StepPairs":
-        return StepPairs(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
-
-    @staticmethod
-    def cat(parts: list["StepPairs"]) -> "StepPairs":
-        return StepPairs(**{k: torch.cat([getattr(p, k) for p in parts]) for k in StepPairs.__dataclass_fields__})
+    order: torch.Tensor  # (N,) long: the step index
 
 
 @dataclass
 class SampleStats:
     unet_evals: int = 0  # guided UNet evaluations (one per image per call; CFG counts once)
+    decode_chunks: int = 0  # decode-and-score calls (each at most sampler.decode_batch_size images)
     segments: int = 0  # branching decisions made (prompts x segments)
     pairs_kept: int = 0
     score_means: list[float] = field(default_factory=list)
@@ -261,16 +267,18 @@ def resample_index(mode: str, win: torch.Tensor, lose: torch.Tensor, k: int, rng
 
 @torch.no_grad()
 def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: SamplerConfig,
-               rng: RowRNG, score_batch: int = 256) -> tuple[StepPairs | None, SampleStats]:
+               rng: RowRNG) -> tuple[StepPairs, SampleStats]:
     """Run the SPO step-wise sampler for a batch of prompts (all prompts advance together).
 
     Plain DDIM steps while the next timestep is still >= kappa (with 20 steps and kappa = 750,
-    branching starts at t = 751, step index 4, as in the reference code); from there, segments of ``cfg.inner_steps`` transitions: k
+    branching starts at t = 751, step index 4, as in the reference code). From there, segments: k
     candidates are drawn from each prompt's shared x_t (or, with resampler ``none``, k independent
-    trajectories each take a step), each candidate takes j-1 further solo steps, the segment ends
-    are scored at their own timestep (t = 0 after the last step) and the best/worst (or a random
-    pair) gives the labels. Candidates of all prompts are evaluated in one batched UNet call per
-    step, and the chosen candidate's noise prediction is reused for the next step.
+    trajectories each take a step), each candidate takes ``cfg.inner_steps`` further solo steps
+    (:func:`segment_ends`), the segment ends are scored at their own timestep (t = 0 after the last
+    step) and the best/worst (or a random pair) gives the labels. Candidates of all prompts are
+    evaluated in one batched UNet call per step, decoded and scored in chunks of
+    ``cfg.decode_batch_size``, and the chosen candidate's noise prediction is reused for the next
+    step. Returns the kept pairs (possibly none) and statistics.
     """
     ts, prevs = step_timesteps(policy, cfg.num_steps)
     n_steps, k, g = cfg.num_steps, cfg.k, cfg.guidance_scale
@@ -306,8 +314,8 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
     # State: m trajectories per prompt, flattened prompt-major: (P*m, ...).
     m = 1
     pairs: list[StepPairs] = []
-    while i < n_steps:
-        j = min(cfg.inner_steps, n_steps - i)
+    for end in segment_ends(i, n_steps, cfg.inner_steps):
+        j = end - i
         rows_m = rows1.repeat_interleave(m)
         eps = eps_cache if eps_cache is not None else eps_at(x, i, rows_m)
         rows_k = rows1.repeat_interleave(k)
@@ -322,14 +330,14 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
             e = eps_at(cand, i + s, rows_k)
             cand = step(cand, e, i + s, rows_k)
             path_x.append(cand)
-        end = i + j  # index of the step whose timestep the segment end sits at
         if end < n_steps:
             eps_end = eps_at(cand, end, rows_k)
             x0 = policy.x0_from_eps(cand, _full(ts[end], P * k, dev), eps_end)
             t_score = _full(ts[end], P * k, dev)
         else:
             eps_end, x0, t_score = None, cand, _full(0, P * k, dev)
-        scores = _score(policy, scorer, x0, [cond.prompts[r] for r in rows_k.tolist()], t_score, score_batch).view(P, k)
+        scores = decode_and_score(policy, scorer, x0, [cond.prompts[r] for r in rows_k.tolist()], t_score,
+                                  cfg.decode_batch_size, stats).view(P, k)
         stats.score_means.append(float(scores.mean()))
         stats.score_stds.append(float(scores.std(dim=1).mean()))
         win, lose = choose_pair(scores, cfg.pair, rng)
@@ -338,15 +346,14 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
         stats.segments += P
         stats.pairs_kept += int(keep.sum())
         kept = keep.nonzero()[:, 0]
-        if len(kept):
-            fw, fl = kept * k + win[kept], kept * k + lose[kept]
-            for s in range(j):  # the segment's label applies to each of its transitions
-                pairs.append(StepPairs(
-                    x_t_w=path_x[s][fw], x_t_l=path_x[s][fl], x_prev_w=path_x[s + 1][fw], x_prev_l=path_x[s + 1][fl],
-                    t=_full(ts[i + s], len(kept), dev), prev_t=_full(prevs[i + s], len(kept), dev),
-                    prompt_index=kept.clone(), shared=torch.full((len(kept),), s == 0 and m == 1, device=dev),
-                    score_w=s_w[kept].float(), score_l=s_l[kept].float(),
-                ))
+        fw, fl = kept * k + win[kept], kept * k + lose[kept]
+        for s in range(j):  # the segment's label applies to each of its transitions
+            pairs.append(StepPairs(
+                x_t_w=path_x[s][fw], x_t_l=path_x[s][fl], x_prev_w=path_x[s + 1][fw], x_prev_l=path_x[s + 1][fl],
+                t=_full(ts[i + s], len(kept), dev), prev_t=_full(prevs[i + s], len(kept), dev),
+                prompt_index=kept.clone(), shared=torch.full((len(kept),), s == 0 and m == 1, device=dev),
+                score_w=s_w[kept].float(), score_l=s_l[kept].float(), order=_full(i + s, len(kept), dev),
+            ))
         if independent:
             x, eps_cache, m = cand, eps_end, k
         else:
@@ -355,12 +362,34 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
             eps_cache = None if eps_end is None else eps_end[pick]
         i = end
     stats.final_latents = x
-    return (StepPairs.cat(pairs) if pairs else None), stats
+    return StepPairs.cat(pairs), stats
 
 
-def _score(policy: DiffusionPolicy, scorer, x0: torch.Tensor, prompts: list[str], t: torch.Tensor, batch: int) -> torch.Tensor:
+def segment_ends(start: int, num_steps: int, inner_steps: int) -> list[int]:
+    """Step indices where the branching segments from ``start`` end (the scored states).
+
+    Each segment is one branching transition plus ``inner_steps`` solo steps, as the reference's
+    ``num_inner_step``: 20 steps from index 4 with inner_steps = 3 end at 8, 12, 16, 20 (scored at
+    t = 551, 351, 151 and 0). A segment that would end one step before x_0 is extended to x_0, so no
+    lone one-step branch is left at the end. With inner_steps = 0 every step is its own segment.
+    """
+    ends, i, length = [], start, inner_steps + 1
+    while i < num_steps:
+        end = min(i + length, num_steps)
+        if length > 1 and end == num_steps - 1:
+            end = num_steps
+        ends.append(end)
+        i = end
+    return ends
+
+
+def decode_and_score(policy: DiffusionPolicy, scorer, latents: torch.Tensor, prompts: list[str], t: torch.Tensor,
+                     chunk: int, stats: SampleStats | None = None) -> torch.Tensor:
+    """Decode latents and score the images, ``chunk`` at a time (bounds the decoder's memory)."""
     out = []
-    for s in range(0, x0.shape[0], batch):
-        images = policy.decode(x0[s:s + batch])
-        out.append(torch.as_tensor(scorer.score(images, prompts[s:s + batch], t[s:s + batch])).float().to(x0.device))
-    return torch.cat(out)
+    for s in range(0, latents.shape[0], chunk):
+        images = policy.decode(latents[s:s + chunk])
+        out.append(torch.as_tensor(scorer.score(images, prompts[s:s + chunk], t[s:s + chunk])).float().to(latents.device))
+        if stats is not None:
+            stats.decode_chunks += 1
+    return torch.cat(out) if out else torch.zeros(0, device=latents.device)

@@ -13,20 +13,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from .checkpoints import CheckpointError, CheckpointStore
 from .config import LoraConfig, OptimConfig, TrainConfig
+from .distributed import gather_conditioning, gather_rows, micro_batch_share, reduce_metrics, reduce_sums
 from .models.diffusion import Conditioning, DiffusionPolicy
-from .sampling import RowRNG
 from .models.lora import attach_lora, lora_state_dict, save_lora, save_merged
-from .utils import atomic_dir, atomic_file
+from .rows import Rows
+from .sampling import RowRNG
+from .utils import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,12 @@ class TrainingError(RuntimeError):
 class Method(Protocol):
     name: str
 
-    def collect(self, ctx: "RoundContext") -> tuple[Any, dict[str, float]]:
-        """Sample the round's training data with the current policy (no gradients)."""
-
-    def num_items(self, data: Any) -> int: ...
-
-    def select(self, data: Any, idx: torch.Tensor) -> Any: ...
+    def collect(self, ctx: "RoundContext") -> tuple[Rows, dict[str, float]]:
+        """Sample the round's training items with the current policy (no gradients). Offline methods
+        set ``ctx.cond`` to the conditioning their items' ``prompt_index`` points into."""
 
     def loss(self, ctx: "RoundContext", batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of a micro-batch; metrics may include ``unet_evals``."""
+        """Mean loss of a micro-batch of items; metrics may include ``unet_evals``."""
 
 
 @dataclass
@@ -54,8 +52,8 @@ class RoundContext:
     policy: DiffusionPolicy
     round: int
     prompts: list[str]
-    cond: Conditioning | None  # None for offline methods
-    generator: torch.Generator  # CPU generator for this round and process (shuffling, training noise)
+    cond: Conditioning | None  # the round's conditioning; during training, that of all processes
+    generator: torch.Generator  # CPU generator for this round and process
     accelerator: Any
     rng: RowRNG | None = None  # one stream per prompt, keyed by its global position (sampling noise)
 
@@ -93,50 +91,37 @@ def prompts_for_round(prompts: list, per_round: int, round_idx: int, seed: int,
     return out
 
 
-class Checkpointer:
-    """LoRA + optimizer + history per checkpoint folder, written atomically; keeps the last few."""
+# Configuration keys a resumed run may change; every other key must match the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "train.rounds", "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.output_dir",
+    "train.save_merged", "train.export_kohya", "train.gradient_checkpointing", "train.allow_tf32",
+    "optim.lr", "optim.max_grad_norm", "sampler.decode_batch_size", "monitor", "device",
+)
 
-    def __init__(self, root: str | Path, keep: int = 2):
-        self.root = Path(root)
-        self.keep = keep
 
-    def list(self) -> list[Path]:
-        if not self.root.exists():
-            return []
-        return sorted((p for p in self.root.glob("round-*") if (p / "state.pt").exists()), key=lambda p: int(p.name.split("-")[1]))
+def make_accelerator(mixed_precision: str = "no", device: torch.device | str | None = None):
+    """The run's Accelerator, created before any model is placed: it sets each process's GPU, and
+    ``accelerator.device`` is where that process's policy, scorer and monitor must live."""
+    from accelerate import Accelerator
 
-    def latest(self) -> Path | None:
-        ckpts = self.list()
-        return ckpts[-1] if ckpts else None
+    # cpu=True makes a torchrun / accelerate launch on CPUs use MULTI_CPU (gloo) data parallelism.
+    if device is None or str(device) == "auto":
+        on_cpu = not torch.cuda.is_available()
+    else:
+        on_cpu = torch.device(device).type == "cpu"
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
 
-    def clear(self) -> int:
-        """Remove every checkpoint (a fresh run must not prune its own checkpoints in favour of, or
-        later resume from, those of an earlier run in a persisted output folder); returns how many."""
-        old = self.list()
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-        return len(old)
 
-    def save(self, round_idx: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, history: list[dict]) -> Path:
-        path = self.root / f"round-{round_idx:06d}"
-        with atomic_dir(path) as tmp:
-            save_file(lora, str(tmp / "lora.safetensors"))
-            torch.save({"round": round_idx, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-            (tmp / "history.json").write_text(json.dumps(history))
-        for old in self.list()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    @staticmethod
-    def load(path: Path) -> tuple[int, dict[str, torch.Tensor], dict, list[dict]]:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if cfg.name == "adamw8bit":
         try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            lora = load_file(str(path / "lora.safetensors"))
-            history = json.loads((path / "history.json").read_text())
-        except Exception as exc:
-            raise TrainingError(f"checkpoint '{path}' is corrupt or unreadable ({type(exc).__name__}); "
-                                f"delete it to resume from an earlier one") from exc
-        return int(state["round"]), lora, state["optimizer"], history
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainingError("optim.name=adamw8bit needs bitsandbytes (a CUDA machine): `pip install bitsandbytes`, "
+                                "or set optim.name=adamw") from exc
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
 
 
 def _load_lora_into(policy: DiffusionPolicy, lora: dict[str, torch.Tensor], path: Path) -> None:
@@ -161,45 +146,62 @@ def train_rounds(
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     accelerator: Any = None,
     device: torch.device | str | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA on ``policy`` with ``method`` for ``train_cfg.rounds`` rounds.
 
     ``prompts`` is the prompt set rounds draw from (None for offline methods that bring their own
-    data). Returns the final metrics and the per-round history; writes the LoRA to
-    ``train_cfg.output_dir/lora`` and checkpoints to ``train_cfg.output_dir/checkpoints``.
+    data). ``run_config`` is the resolved configuration a checkpoint must match to be resumed
+    (default: the LoRA, optimiser and training sections). Returns the final metrics and the
+    per-round history; writes the LoRA to ``train_cfg.output_dir/lora`` and checkpoints to
+    ``train_cfg.output_dir/checkpoints``.
+
+    With several processes, each samples its own prompts; the round's items are then gathered, put
+    in one order and shared out (:mod:`spo_core.distributed`), so N processes train exactly what one
+    process with N times the prompts and the micro-batch trains.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    # cpu=True makes a torchrun / accelerate launch on CPUs use MULTI_CPU (gloo) data parallelism.
-    on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     # Accumulation is done by _train_on per round (accelerate's counter would carry across rounds).
-    acc = accelerator or Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=on_cpu)
+    acc = accelerator or make_accelerator(train_cfg.mixed_precision, device)
+    if acc.device.type == "cuda" and train_cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(train_cfg.output_dir)
-    ckpt = Checkpointer(out / "checkpoints", keep=train_cfg.keep_checkpoints)
+    store = CheckpointStore(out / "checkpoints", keep=train_cfg.keep_checkpoints, prefix="round")
+    config = run_config if run_config is not None else {
+        "lora": lora_cfg.model_dump(mode="json"), "optim": optim_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json")}
     policy.to(acc.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_cfg.seed)  # the LoRA init is part of the seeded run
         params = attach_lora(policy, lora_cfg)
-    opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
-                            eps=optim_cfg.adam_eps)
+    if train_cfg.gradient_checkpointing:
+        policy.unet.enable_gradient_checkpointing()
+    opt = make_optimizer(params, optim_cfg)
     start, history = 0, []
     if not resume and acc.is_main_process:
-        stale = ckpt.clear()
+        stale = store.clear()
         if stale:
             log.warning("starting from round 0 (no --resume): removed %d checkpoint(s) of an earlier run in %s",
-                        stale, ckpt.root)
-    if resume:
-        last = ckpt.latest()
-        if last is None:
-            log.warning("--resume given but no checkpoint in %s: starting from round 0", ckpt.root)
-        else:
-            done, lora, opt_state, history = Checkpointer.load(last)
-            _load_lora_into(policy, lora, last)
-            opt.load_state_dict(opt_state)
-            start = done + 1
-            log.info("resumed from %s (round %d done)", last, done)
+                        stale, store.root)
     unet_wrapped, opt = acc.prepare(policy.unet, opt)
+    if resume:
+        try:
+            ckpt = store.resume(config, RESUME_MAY_CHANGE)
+        except CheckpointError as exc:
+            raise TrainingError(str(exc)) from exc
+        if ckpt is None:
+            log.warning("--resume given but no checkpoint in %s: starting from round 0", store.root)
+        else:
+            _load_lora_into(policy, ckpt.tensors["lora"], ckpt.path)
+            opt.load_state_dict(ckpt.state["optimizer"])
+            if acc.scaler is not None and ckpt.state.get("scaler"):
+                acc.scaler.load_state_dict(ckpt.state["scaler"])
+            _follow_config_lr(opt, optim_cfg.lr)
+            history = list(ckpt.manifest.get("history", []))
+            start = ckpt.step + 1
+            log.info("resumed from %s (round %d done)", ckpt.path, ckpt.step)
     policy.forward_unet = unet_wrapped
     total_sample_evals = sum(h.get("sample_unet_evals", 0) for h in history)
     total_train_evals = sum(h.get("train_unet_evals", 0) for h in history)
@@ -207,6 +209,8 @@ def train_rounds(
                initial=start, total=train_cfg.rounds)
     for r in bar:
         t0 = time.perf_counter()
+        # Shuffling is shared by all processes (process 0's stream: one process reproduces N).
+        shuffle = torch.Generator().manual_seed(round_seed(train_cfg.seed, r, 0))
         gen = torch.Generator().manual_seed(round_seed(train_cfg.seed, r, acc.process_index))
         policy.unet.eval()
         if prompts is None:  # offline methods draw their own data
@@ -217,9 +221,13 @@ def train_rounds(
             ctx = RoundContext(policy, r, rp, policy.encode_prompts(rp), gen, acc,
                                rng=RowRNG([item_seed(train_cfg.seed, p) for p in pos]))
         data, metrics = method.collect(ctx)
+        metrics = reduce_metrics(acc, metrics)
+        local_prompts = len(ctx.cond)
+        ctx.cond = gather_conditioning(acc, ctx.cond)
+        data = gather_rows(acc, data, local_prompts)
         t_sample = time.perf_counter() - t0
         policy.unet.train()
-        step_stats = _train_on(ctx, method, data, params, opt, optim_cfg, train_cfg)
+        step_stats = _train_on(ctx, method, data, params, opt, optim_cfg, train_cfg, shuffle)
         policy.unet.eval()
         metrics.update(step_stats)
         total_sample_evals += metrics.get("sample_unet_evals", 0)
@@ -233,7 +241,10 @@ def train_rounds(
             log_fn(metrics, r)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", keep=f"{metrics.get('keep_fraction', 0):.2f}")
         if acc.is_main_process and ((r + 1) % train_cfg.checkpoint_every == 0 or r + 1 == train_cfg.rounds):
-            ckpt.save(r, lora_state_dict(policy), opt, history)
+            state = {"optimizer": opt.state_dict()}
+            if acc.scaler is not None:
+                state["scaler"] = acc.scaler.state_dict()
+            store.save(r, {"lora": lora_state_dict(policy)}, state, config, RESUME_MAY_CHANGE, extra={"history": history})
         acc.wait_for_everyone()
     policy.forward_unet = policy.unet
     result = {"history": history, "lora_dir": str(out / "lora")}
@@ -246,21 +257,38 @@ def train_rounds(
     return result
 
 
-def _train_on(ctx: RoundContext, method: Method, data: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-              optim_cfg: OptimConfig, train_cfg: TrainConfig) -> dict[str, float]:
+def _follow_config_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """A resumed optimiser takes the configuration's learning rate (the way to continue a diverged
+    run more gently), not the one saved in its state."""
+    for group in opt.param_groups:
+        if group["lr"] != lr:
+            log.info("resume: learning rate %g -> %g (optim.lr)", group["lr"], lr)
+            group["lr"] = lr
+
+
+def _train_on(ctx: RoundContext, method: Method, data: Rows, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+              optim_cfg: OptimConfig, train_cfg: TrainConfig, shuffle: torch.Generator) -> dict[str, float]:
+    """Train on the round's items (those of all processes, in the same order on each).
+
+    Global micro-batches of ``train_batch_size`` x processes items follow one shared permutation;
+    each process trains its share with the weight that makes DDP's average the whole micro-batch's
+    mean, so every process runs the same passes whatever its sampler kept.
+    """
     acc = ctx.accelerator
-    n = method.num_items(data) if data is not None else 0
-    sums: dict[str, float] = {}
-    count, steps, grad_norms, evals = 0, 0, [], 0
+    rank, world = acc.process_index, acc.num_processes
+    n = len(data)
     if n == 0:
         return {"train_items": 0, "optimizer_steps": 0, "train_unet_evals": 0}
-    bs = train_cfg.train_batch_size
+    bs = train_cfg.train_batch_size * world
     accum = train_cfg.gradient_accumulation_steps
+    sums: dict[str, float] = {}
+    count, steps, grad_norms, evals = 0, 0, [], 0
     for epoch in range(train_cfg.epochs_per_round):
-        order = torch.randperm(n, generator=ctx.generator)
+        order = torch.randperm(n, generator=shuffle)
         starts = list(range(0, n, bs))
         for mi, s in enumerate(starts):
-            batch = method.select(data, order[s:s + bs])
+            local, weight = micro_batch_share(order[s:s + bs], rank, world)
+            batch = data.select(local)
             # Accumulation groups never cross a round (or epoch) boundary: the last group may be short.
             g0 = mi - mi % accum
             group = min(accum, len(starts) - g0)
@@ -268,10 +296,11 @@ def _train_on(ctx: RoundContext, method: Method, data: Any, params: list[torch.n
             with contextlib.nullcontext() if sync else acc.no_sync(ctx.policy.forward_unet):
                 with acc.autocast():
                     loss, m = method.loss(ctx, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({loss.item()}) in round {ctx.round}: lower optim.lr or check the "
+                bad = reduce_sums(acc, torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device))
+                if bad.item() > 0:  # every process stops together (one alone would hang the others)
+                    raise TrainingError(f"non-finite loss in round {ctx.round}: lower optim.lr or check the "
                                         f"data; the last good checkpoint is kept, resume with --resume after fixing")
-                acc.backward(loss / group)
+                acc.backward(loss * (weight / group))
             if sync:
                 if optim_cfg.max_grad_norm is not None:
                     # Pass the list, not a consumed generator: the reference code's clipping was a no-op.
@@ -281,12 +310,15 @@ def _train_on(ctx: RoundContext, method: Method, data: Any, params: list[torch.n
                 opt.zero_grad(set_to_none=True)
                 steps += 1
             evals += int(m.pop("unet_evals", 0))
-            k = len(order[s:s + bs])
+            k = len(local) if weight > 0 else 0
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * k
             count += k
-    out = {key: v / max(count, 1) for key, v in sums.items()}
-    out.update(train_items=n, optimizer_steps=steps, train_unet_evals=evals)
+    keys = sorted(sums)
+    totals = reduce_sums(acc, torch.tensor([sums[k] for k in keys] + [count, evals], dtype=torch.float64,
+                                           device=acc.device)).tolist()
+    out = {key: v / max(totals[-2], 1) for key, v in zip(keys, totals)}
+    out.update(train_items=n, optimizer_steps=steps, train_unet_evals=int(totals[-1]))
     if grad_norms:
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return out

@@ -13,7 +13,8 @@ from spo_core.config import ConfigError, LoraConfig, ModelConfig, load_spo_confi
 from spo_core.models.diffusion import ModelLoadError, load_policy
 from spo_core.models.lora import attach_lora
 from spo_core.models.tiny import save_tiny_pipeline
-from spo_core.training import Checkpointer, TrainingError, _load_lora_into
+from spo_core.checkpoints import CheckpointError, CheckpointStore
+from spo_core.training import TrainingError, _load_lora_into
 from spo_core.utils import atomic_dir
 
 
@@ -65,9 +66,9 @@ def test_corrupt_checkpoint_is_named(tmp_path: Path):
     ck.mkdir(parents=True)
     (ck / "state.pt").write_bytes(b"garbage")
     (ck / "lora.safetensors").write_bytes(b"garbage")
-    (ck / "history.json").write_text("[]")
-    with pytest.raises(TrainingError, match="round-000003.*corrupt.*delete it"):
-        Checkpointer.load(Checkpointer(tmp_path / "checkpoints").latest())
+    (ck / "manifest.json").write_text('{"step": 3}')
+    with pytest.raises(CheckpointError, match="round-000003.*corrupt.*delete that folder"):
+        CheckpointStore.load(CheckpointStore(tmp_path / "checkpoints", prefix="round").latest())
 
 
 def test_checkpoint_of_another_lora_rank_is_refused():

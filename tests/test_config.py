@@ -148,7 +148,7 @@ def test_bad_values_are_named(profile, override, key):
 
 
 def test_cross_field_checks(profile):
-    with pytest.raises(ConfigError, match=r"sampler.*inner_steps=30 exceeds sampler.num_steps=10"):
+    with pytest.raises(ConfigError, match=r"sampler.*inner_steps=30 must be below sampler.num_steps=10"):
         load_spo_config(profile, ["sampler.inner_steps=30"])
     with pytest.raises(ConfigError, match="prompts.prompts is empty"):
         load_spo_config(profile, ["prompts.prompts=[]"])
@@ -194,4 +194,4 @@ def test_malformed_overrides(profile, override, match):
 
 def test_sampler_defaults_match_paper():
     s = SamplerConfig()
-    assert (s.num_steps, s.eta, s.kappa, s.k, s.inner_steps, s.threshold) == (20, 1.0, 750, 4, 1, 0.3)
+    assert (s.num_steps, s.eta, s.kappa, s.k, s.inner_steps, s.threshold) == (20, 1.0, 750, 4, 0, 0.3)

@@ -19,7 +19,8 @@ from spo_core.config import SPOConfig
 from spo_core.methods.spo import SPOMethod
 from spo_core.models.diffusion import load_policy
 from spo_core.scorers.simple import BrightnessScorer
-from spo_core.training import Checkpointer, TrainingError, train_rounds
+from spo_core.checkpoints import CheckpointStore
+from spo_core.training import TrainingError, train_rounds
 
 CFG = {
     "train_spo": {
@@ -48,7 +49,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     proc = subprocess.Popen(_cmd("crash"), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = Checkpointer(tmp_path / "crash" / "checkpoints")
+    ckpts = CheckpointStore(tmp_path / "crash" / "checkpoints", prefix="round")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         latest = ckpts.latest()
@@ -92,8 +93,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path):
     method = _NaNAfter(cfg.sampler, cfg.loss, BrightnessScorer())
     with pytest.raises(TrainingError, match="non-finite loss.*round 1"):
         train_rounds(policy, method, cfg.prompts.prompts, cfg.lora, cfg.optim, cfg.train, device="cpu")
-    ck = Checkpointer(tmp_path / "run" / "checkpoints").latest()
+    ck = CheckpointStore(tmp_path / "run" / "checkpoints", prefix="round").latest()
     assert ck is not None and ck.name == "round-000000"
-    rnd, lora, _, hist = Checkpointer.load(ck)
-    assert rnd == 0 and all(torch.isfinite(v).all() for v in lora.values()) and len(hist) == 1
+    saved = CheckpointStore.load(ck)
+    lora, hist = saved.tensors["lora"], saved.manifest["history"]
+    assert saved.step == 0 and all(torch.isfinite(v).all() for v in lora.values()) and len(hist) == 1
     assert not (tmp_path / "run" / "lora").exists()

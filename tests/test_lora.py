@@ -19,7 +19,8 @@ from spo_core.models.lora import (
     save_lora,
     save_merged,
 )
-from spo_core.training import Checkpointer, TrainingError, train_rounds
+from spo_core.checkpoints import CheckpointStore
+from spo_core.training import RESUME_MAY_CHANGE, TrainingError, train_rounds
 
 
 def probe(policy, seed: int = 0) -> torch.Tensor:
@@ -184,8 +185,12 @@ def test_resume_with_wrong_rank_raises(make_policy, tmp_path):
     donor = make_policy("sd15")
     params = attach_lora(donor, LoraConfig(rank=4))
     opt = torch.optim.AdamW(params)
-    Checkpointer(tmp_path / "out" / "checkpoints").save(0, lora_state_dict(donor), opt, [{"round": 0}])
+    saved_cfg = {"lora": LoraConfig(rank=4).model_dump(mode="json"), "optim": OptimConfig().model_dump(mode="json"),
+                 "train": TrainConfig(rounds=2, output_dir=str(tmp_path / "out")).model_dump(mode="json")}
+    CheckpointStore(tmp_path / "out" / "checkpoints", prefix="round").save(
+        0, {"lora": lora_state_dict(donor)}, {"optimizer": opt.state_dict()}, saved_cfg, RESUME_MAY_CHANGE)
     policy = make_policy("sd15")
-    with pytest.raises(TrainingError, match="rank or target modules differ"):
+    # The configuration check names the differing key before any weights are loaded.
+    with pytest.raises(TrainingError, match=r"configuration differs in lora.rank: 4 -> 2"):
         train_rounds(policy, method=None, prompts=["a cat"], lora_cfg=LoraConfig(rank=2), optim_cfg=OptimConfig(),
                      train_cfg=TrainConfig(rounds=2, output_dir=str(tmp_path / "out")), resume=True)

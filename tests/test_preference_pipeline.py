@@ -259,12 +259,12 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
                gradient_accumulation_steps=2, lr_scheduler="linear", warmup_steps=1, keep_checkpoints=3)
     run_train_pm(cfg)
     ckpts = tmp_path / "pm" / "checkpoints" / "aware"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     straight = TimeConditionedCLIP.from_pretrained(tmp_path / "pm" / "aware").state_dict()
     # Simulate a crash after step 2: the last checkpoint and the output are gone.
     import shutil
 
-    shutil.rmtree(ckpts / "step-0000004")
+    shutil.rmtree(ckpts / "step-000004")
     shutil.rmtree(tmp_path / "pm" / "aware")
     metrics = run_train_pm(cfg)
     assert metrics["resumed_from/aware"] == 2 and metrics["steps/aware"] == 4
@@ -275,7 +275,7 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
     # A finished model is not retrained; other settings are refused rather than resumed.
     assert run_train_pm(cfg)["train_s/aware"] == 0.0
     shutil.rmtree(tmp_path / "pm" / "aware")
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(RuntimeError, match=r"configuration differs in seed: 0 -> 5"):
         run_train_pm(cfg.model_copy(update={"seed": 5}))
 
 

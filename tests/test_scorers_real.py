@@ -174,6 +174,21 @@ def test_pickscore_tiny_clip_directory(tmp_path):
     assert scores[0] != scores[2]  # same prompt, different images
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pickscore_in_half_precision_stays_close(tmp_path, dtype):
+    # The preference model and scorers may run in bf16/fp16 (half the memory and most of the time on a
+    # GPU); scores stay float32 and close to the fp32 ones.
+    _tiny_clip().save_pretrained(tmp_path)
+    _clip_tokenizer(tmp_path)
+    full = build_scorer("pickscore", path=str(tmp_path))
+    half = build_scorer("pickscore", path=str(tmp_path), dtype=dtype)
+    assert next(half.model.parameters()).dtype == getattr(torch, dtype)
+    images = _images()
+    s32, s16 = full.score(images, PROMPTS), half.score(images, PROMPTS)
+    assert s16.dtype == torch.float32
+    torch.testing.assert_close(s16, s32, rtol=0.05, atol=0.05)
+
+
 def test_pickscore_errors(tmp_path):
     _tiny_clip().save_pretrained(tmp_path)  # no tokenizer saved
     with pytest.raises(ScorerLoadError, match="processor="):

@@ -24,6 +24,7 @@ from spo_core.toyworld.config import (
     ToyWorldConfig,
     UNetArch,
 )
+from spo_core.checkpoints import CheckpointError
 from spo_core.toyworld.pretrain import train_base
 from spo_core.toyworld.render import render_prompts
 from spo_core.toyworld.world import load_world
@@ -112,7 +113,7 @@ def test_killed_pretraining_resumes_to_identical_weights(root, world_dir):
     for a, b in zip(resumed.policy.unet.state_dict().values(), straight.policy.unet.state_dict().values()):
         assert torch.equal(a, b)
     assert [loss for _, loss in resumed.losses] == [loss for _, loss in straight.losses]
-    with pytest.raises(ValueError, match="different pretraining configuration"):
+    with pytest.raises(CheckpointError, match=r"configuration differs in train\.lr: .* -> 0\.001"):
         train_base(pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_resume"), lr=1e-3), load_world(world_dir))
 
 

@@ -73,7 +73,7 @@ def test_spo_loss_counts_unshared_pairs_twice(make_policy, tiny_prompts):
     # With j = 2 half the transitions start from different x_t: those need two evaluations each.
     policy = make_policy("sd15")
     attach_lora(policy, LoraConfig(rank=4))
-    method = spo(inner_steps=2)
+    method = spo(inner_steps=1)
     cond = policy.encode_prompts(tiny_prompts[:2])
     pairs, _ = spo_sample(policy, cond, method.scorer, method.sampler, RowRNG([1, 2]))
     n_shared = int(pairs.shared.sum())

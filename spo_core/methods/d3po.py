@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SamplingConfig, SPOLossConfig
-from ..sampling import StepPairs, keep_pair, sample_trajectories
+from ..sampling import SampleStats, StepPairs, decode_and_score, keep_pair, sample_trajectories
 from ..training import RoundContext
 from .spo import SPOMethod
 
@@ -33,15 +33,15 @@ class D3POMethod(SPOMethod):
                                  self.sampler.guidance_scale, self.sampler.eta, x_T=torch.cat([x_T, x_T]))
         final = tr.latents[:, -1]
         prompts = [ctx.cond.prompts[r] for r in rows.tolist()]
-        scores = torch.as_tensor(self.scorer.score(policy.decode(final), prompts, torch.zeros(2 * P, dtype=torch.long))).float()
+        stats = SampleStats()
+        scores = decode_and_score(policy, self.scorer, final, prompts, torch.zeros(2 * P, dtype=torch.long),
+                                  self.sampler.decode_batch_size, stats).cpu()
         s_a, s_b = scores[:P], scores[P:]
         a_wins = s_a >= s_b
         s_w, s_l = torch.where(a_wins, s_a, s_b), torch.where(a_wins, s_b, s_a)
         kept = keep_pair(s_w, s_l, self.threshold).nonzero()[:, 0]
-        metrics = {"sample_unet_evals": tr.unet_evals, "pairs": 0, "keep_fraction": len(kept) / P,
-                   "score_mean": float(scores.mean()), "score_std": float(scores.std())}
-        if len(kept) == 0:
-            return None, metrics
+        metrics = {"sample_unet_evals": tr.unet_evals, "decode_chunks": stats.decode_chunks, "pairs": 0,
+                   "keep_fraction": len(kept) / P, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
         dev = final.device
         w_rows = torch.where(a_wins, torch.arange(P), torch.arange(P) + P)[kept].to(dev)
         l_rows = torch.where(a_wins, torch.arange(P) + P, torch.arange(P))[kept].to(dev)
@@ -53,9 +53,10 @@ class D3POMethod(SPOMethod):
                 x_prev_w=tr.latents[w_rows, i + 1], x_prev_l=tr.latents[l_rows, i + 1],
                 t=torch.full((n,), int(tr.timesteps[i]), device=dev), prev_t=torch.full((n,), int(tr.prev_timesteps[i]), device=dev),
                 prompt_index=kept.to(dev), shared=torch.full((n,), i == 0, device=dev),
-                score_w=s_w[kept].to(dev), score_l=s_l[kept].to(dev),
+                score_w=s_w[kept].to(dev), score_l=s_l[kept].to(dev), order=torch.full((n,), i, device=dev),
             ))
         pairs = StepPairs.cat(parts)
         metrics["pairs"] = len(pairs)
-        metrics["score_gap"] = float((s_w - s_l)[kept].mean())
+        if n:
+            metrics["score_gap"] = float((s_w - s_l)[kept].mean())
         return pairs, metrics

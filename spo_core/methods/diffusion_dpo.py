@@ -9,20 +9,22 @@ import torch.nn.functional as F
 
 from ..data.pickapic import decode_image, read_preference_dataset
 from ..losses import diffusion_dpo_loss
-from ..models.diffusion import Conditioning
 from ..models.lora import adapters_disabled
-from ..training import RoundContext, prompts_for_round
+from ..rows import Rows
+from ..sampling import RowRNG
+from ..training import RoundContext, item_seed, prompts_for_round, round_positions
 
 
 @dataclass
-class LatentPairs:
+class LatentPairs(Rows):
+    """Encoded offline pairs with the training t and noise of each pair (shared by win and lose)."""
+
     lat_w: torch.Tensor
     lat_l: torch.Tensor
-    row: torch.Tensor
-    cond: Conditioning
-
-    def __len__(self) -> int:
-        return self.row.shape[0]
+    noise: torch.Tensor
+    t: torch.Tensor
+    prompt_index: torch.Tensor  # row of the round's Conditioning
+    order: torch.Tensor  # 0: one item per pair
 
 
 def load_pairs(path: str) -> tuple[list[str], list[bytes], list[bytes]]:
@@ -57,33 +59,30 @@ class DiffusionDPOMethod:
     @torch.no_grad()
     def collect(self, ctx: RoundContext):
         acc = ctx.accelerator
-        idx = prompts_for_round(list(range(len(self.captions))), self.pairs_per_round, ctx.round, self.seed,
-                                acc.process_index, acc.num_processes)
+        rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+        idx = prompts_for_round(list(range(len(self.captions))), self.pairs_per_round, ctx.round, self.seed, rank, world)
+        positions = round_positions(self.pairs_per_round, ctx.round, rank, world)
         policy = ctx.policy
         size = policy.resolution
         lat_w = policy.encode_images(self._images(self.win, idx, size).to(policy.device))
         lat_l = policy.encode_images(self._images(self.lose, idx, size).to(policy.device))
-        cond = policy.encode_prompts([self.captions[i] for i in idx])
-        data = LatentPairs(lat_w, lat_l, torch.arange(len(idx), device=policy.device), cond)
+        # The pairs' conditioning is the round's: the trainer gathers it with the pairs.
+        ctx.cond = policy.encode_prompts([self.captions[i] for i in idx])
+        # One t and one noise per pair from the pair's own stream (any number of processes, same draw).
+        rng = RowRNG([item_seed(self.seed + 1, p) for p in positions])
+        rows = torch.arange(len(idx))
+        t = rng.randint(rows, policy.scheduler.config.num_train_timesteps).to(policy.device)
+        noise = rng.randn(rows, tuple(lat_w.shape[1:]), policy.device, lat_w.dtype)
+        data = LatentPairs(lat_w, lat_l, noise, t, rows.to(policy.device), torch.zeros(len(idx), dtype=torch.long,
+                                                                                        device=policy.device))
         return data, {"sample_unet_evals": 0, "pairs": len(idx)}
-
-    def num_items(self, data: LatentPairs | None) -> int:
-        return 0 if data is None else len(data)
-
-    def select(self, data: LatentPairs, idx: torch.Tensor) -> LatentPairs:
-        idx = idx.to(data.row.device)
-        return LatentPairs(data.lat_w[idx], data.lat_l[idx], data.row[idx], data.cond)
 
     def loss(self, ctx: RoundContext, b: LatentPairs):
         policy = ctx.policy
         n = len(b)
-        gen = ctx.generator
-        # One t and one noise per pair, shared by win and lose.
-        t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (n,), generator=gen).to(b.lat_w.device)
-        noise = torch.randn(b.lat_w.shape, generator=gen).to(b.lat_w.device, b.lat_w.dtype)
-        x = torch.cat([policy.add_noise(b.lat_w, noise, t), policy.add_noise(b.lat_l, noise, t)])
-        tt, cond = torch.cat([t, t]), b.cond.select(torch.cat([b.row, b.row]))
-        target = torch.cat([noise, noise])
+        x = torch.cat([policy.add_noise(b.lat_w, b.noise, b.t), policy.add_noise(b.lat_l, b.noise, b.t)])
+        tt, cond = torch.cat([b.t, b.t]), ctx.cond.select(torch.cat([b.prompt_index, b.prompt_index]))
+        target = torch.cat([b.noise, b.noise])
 
         def errors(pred):
             e = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))

@@ -44,20 +44,15 @@ class SPOMethod:
         pairs, st = spo_sample(ctx.policy, ctx.cond, self.scorer, self.sampler, ctx.rng)
         metrics = {
             "sample_unet_evals": st.unet_evals,
-            "pairs": 0 if pairs is None else len(pairs),
+            "decode_chunks": st.decode_chunks,
+            "pairs": len(pairs),
             "keep_fraction": st.keep_fraction,
             "score_mean": sum(st.score_means) / max(len(st.score_means), 1),
             "score_std": sum(st.score_stds) / max(len(st.score_stds), 1),
         }
-        if pairs is not None:
+        if len(pairs):
             metrics["score_gap"] = float((pairs.score_w - pairs.score_l).mean())
         return pairs, metrics
-
-    def num_items(self, data: StepPairs | None) -> int:
-        return 0 if data is None else len(data)
-
-    def select(self, data: StepPairs, idx: torch.Tensor) -> StepPairs:
-        return data.select(idx.to(data.t.device))
 
     def loss(self, ctx: RoundContext, batch: StepPairs):
         g, eta = self.sampler.guidance_scale, self.sampler.eta

@@ -128,9 +128,18 @@ class DiffusionPolicy:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod
 
+    @property
+    def vae_upcast(self) -> bool:
+        """Whether the VAE must run in float32 when the model is fp16: SDXL's own VAE overflows to
+        NaN (black images) in fp16 and says so with ``force_upcast``; the fp16-fix VAE clears the
+        flag. As in diffusers' SDXL pipeline; SD-1.5's pipeline never upcasts (its VAE configs leave
+        the flag at the default)."""
+        return self.kind == "sdxl" and bool(getattr(self.vae.config, "force_upcast", False))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffusionPolicy":
         for m in [self.unet, *self.frozen_modules()]:
-            m.to(device=device, dtype=dtype)
+            mdt = torch.float32 if (m is self.vae and dtype == torch.float16 and self.vae_upcast) else dtype
+            m.to(device=device, dtype=mdt)
         return self
 
     # ---------------------------------------------------------------- text
@@ -166,10 +175,11 @@ class DiffusionPolicy:
     # ---------------------------------------------------------------- UNet
     def _unet(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, added: dict | None) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": added} if added is not None else {}
-        out = self.forward_unet(x, t, encoder_hidden_states=hidden, **kwargs).sample
+        # float32 from here on (fp16/bf16 UNets): the CFG combination and every schedule term.
+        out = self.forward_unet(x, t, encoder_hidden_states=hidden, **kwargs).sample.float()
         if self.scheduler.config.prediction_type == "v_prediction":
-            a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1).to(x.dtype)
-            out = a.sqrt() * out + (1 - a).sqrt() * x
+            a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1).float()
+            out = a.sqrt() * out + (1 - a).sqrt() * x.float()
         elif self.scheduler.config.prediction_type != "epsilon":
             raise ModelLoadError(f"prediction_type '{self.scheduler.config.prediction_type}' is not supported")
         return out
@@ -177,7 +187,8 @@ class DiffusionPolicy:
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
         """CFG-combined noise prediction; one batched UNet call (counts as one guided evaluation).
 
-        ``t`` is a scalar or a (B,) tensor of integer timesteps. Gradients flow if enabled.
+        ``t`` is a scalar or a (B,) tensor of integer timesteps. Gradients flow if enabled. The
+        result is float32 whatever the UNet's dtype (see :func:`spo_core.sampling.work_dtype`).
         """
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).long()
@@ -193,9 +204,11 @@ class DiffusionPolicy:
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     def x0_from_eps(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate, computed in float32 (or float64) whatever the latents' dtype."""
+        wd = torch.promote_types(x.dtype, torch.float32)
         a = self.alphas_cumprod.to(x.device)[torch.as_tensor(t, device=x.device).long()]
-        a = a.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+        a = a.reshape(-1, *([1] * (x.ndim - 1))).to(wd)
+        return (x.to(wd) - (1 - a).sqrt() * eps.to(wd)) / a.sqrt()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, torch.as_tensor(t, device=x0.device).long())
@@ -308,7 +321,8 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> Diffusi
         raise _offline_hint(cfg.vae or src, "the VAE", exc) from exc
     policy = DiffusionPolicy(kind=cfg.kind, resolution=cfg.resolution, **parts)
     policy.to(device, dtype)
-    if cfg.kind == "sdxl" and dtype == torch.float16 and not cfg.vae:
-        log.warning("SDXL's own VAE overflows in fp16: set model.vae to an fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix)")
+    if dtype == torch.float16 and policy.vae_upcast:
+        log.info("the VAE asks for float32 (force_upcast): decoding in float32; an fp16-fix VAE "
+                 "(model.vae=madebyollin/sdxl-vae-fp16-fix) decodes faster in fp16")
     log.info("loaded %s policy from %s (%d UNet parameters)", cfg.kind, src, sum(p.numel() for p in policy.unet.parameters()))
     return policy

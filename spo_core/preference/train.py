@@ -11,11 +11,9 @@ steps and resume. Accuracy is measured on held-out decisive pairs per timestep b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from ..losses import preference_loss
 from ..reporting import markdown_table, write_text_atomic
 from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
 from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
+from ..checkpoints import CheckpointStore, fingerprint
 from ..utils import atomic_dir, atomic_file, resolve_device
 from .config import TrainPMConfig
 from .noisy_pairs import NoisyPairs
@@ -154,21 +153,12 @@ class EpochShuffle(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def _fingerprint(cfg: TrainPMConfig, variant: str, train_set: NoisyPairs) -> str:
-    # Everything that changes the trained weights; logging/eval/checkpoint cadence does not.
+def _run_config(cfg: TrainPMConfig, variant: str, train_set: NoisyPairs) -> dict:
+    """Everything that changes the trained weights; logging/eval/checkpoint cadence does not."""
     keys = ("base", "optim", "lr_scheduler", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_steps",
             "mixed_precision", "seed")
-    blob = json.dumps({"variant": variant, **cfg.model_dump(mode="json", include=set(keys)),
-                       "data": train_set.manifest["fingerprint"], "pairs": len(train_set)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _checkpoints(root: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in root.glob("step-*"):
-        if (p / STATE_FILE).is_file():  # only complete (atomically renamed) checkpoints have it
-            out.append((int(p.name.split("-")[1]), p))
-    return sorted(out)
+    return {"variant": variant, **cfg.model_dump(mode="json", include=set(keys)),
+            "data": train_set.manifest["fingerprint"], "pairs": len(train_set)}
 
 
 def make_accelerator(cfg: TrainPMConfig):
@@ -193,7 +183,8 @@ def make_accelerator(cfg: TrainPMConfig):
 def train_variant(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyPairs, out_dir: Path,
                   ckpt_root: Path, accelerator, eval_set: NoisyPairs | None = None) -> dict[str, float]:
     """Train ``variant`` ('agnostic' or 'aware') and save it to ``out_dir``; returns training figures."""
-    fp = _fingerprint(cfg, variant, train_set)
+    config = _run_config(cfg, variant, train_set)
+    fp = fingerprint(config)
     done = out_dir / STATE_FILE
     if cfg.resume and done.is_file():
         state = json.loads(done.read_text())
@@ -201,18 +192,17 @@ def train_variant(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set:
             log.info("%s: finished model in %s matches the config; not retraining", variant, out_dir)
             return {"steps": float(state["step"]), "final_loss": float(state.get("final_loss", float("nan"))),
                     "train_s": 0.0, "resumed_from": float(state["step"])}
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        for _, p in _checkpoints(ckpt_root):
-            shutil.rmtree(p)
+    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
+    if not cfg.resume and accelerator.is_main_process:
+        store.clear()
     try:
-        return _train(cfg, variant, inputs, train_set, out_dir, ckpt_root, accelerator, eval_set, fp)
+        return _train(cfg, variant, inputs, train_set, out_dir, store, accelerator, eval_set, config)
     finally:
         accelerator.free_memory()  # the Accelerator is shared by variants: drop this one's model and optimiser
 
 
-def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyPairs, out_dir: Path, ckpt_root: Path,
-           accelerator, eval_set: NoisyPairs | None, fp: str) -> dict[str, float]:
+def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyPairs, out_dir: Path,
+           store: CheckpointStore, accelerator, eval_set: NoisyPairs | None, config: dict) -> dict[str, float]:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the time embedder's init draws from the RNG
@@ -235,16 +225,15 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     step = 0
-    found = _checkpoints(ckpt_root)
-    if cfg.resume and found:
-        last_step, last = found[-1]
-        state = json.loads((last / STATE_FILE).read_text())
-        if state.get("fingerprint") != fp:
-            raise RuntimeError(f"checkpoint {last} was written with other settings or data. Fix: delete {ckpt_root} or "
-                               "set resume: false to start over")
-        accelerator.load_state(str(last))
-        step = last_step
-        log.info("%s: resumed from %s (step %d)", variant, last, step)
+    ck = store.resume(config) if cfg.resume else None
+    if ck is not None:
+        accelerator.unwrap_model(model).load_state_dict(ck.tensors["model"])
+        optimizer.load_state_dict(ck.state["optimizer"])
+        scheduler.load_state_dict(ck.state["lr_scheduler"])
+        if accelerator.scaler is not None and ck.state.get("scaler"):
+            accelerator.scaler.load_state_dict(ck.state["scaler"])
+        step = ck.step
+        log.info("%s: resumed from %s (step %d)", variant, ck.path, step)
     resumed_from = step
 
     accum = cfg.gradient_accumulation_steps
@@ -290,8 +279,11 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
             if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
                 acc = evaluate_accuracy(unwrapped, inputs, eval_set, cfg.eval_batch_size, accelerator.device)
                 tracking.log_metrics({f"{variant}/acc/t{t}": a for t, (a, _) in acc.items()}, step=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                _save_checkpoint(accelerator, ckpt_root, step, fp, cfg.keep_checkpoints)
+            if (step % cfg.checkpoint_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+                state = {"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}
+                if accelerator.scaler is not None:
+                    state["scaler"] = accelerator.scaler.state_dict()
+                store.save(step, {"model": unwrapped.state_dict()}, state, config)
             if step >= cfg.max_steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -304,34 +296,11 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
         with atomic_dir(out_dir) as tmp:
             unwrapped.save_pretrained(tmp)
             inputs.save(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({"variant": variant, "step": step, "fingerprint": fp,
+            (tmp / STATE_FILE).write_text(json.dumps({"variant": variant, "step": step, "fingerprint": fingerprint(config),
                                                       "final_loss": final_loss}, indent=2) + "\n")
     trained = step - resumed_from
     return {"steps": float(step), "final_loss": final_loss, "train_s": seconds,
             "s_per_step": seconds / trained if trained else 0.0, "resumed_from": float(resumed_from)}
-
-
-def _save_checkpoint(accelerator, root: Path, step: int, fingerprint: str, keep: int) -> None:
-    """``accelerator.save_state`` into a partial folder, renamed into place once complete.
-
-    Every process must call save_state (each writes its own RNG state), so the partial folder has a
-    fixed name that all of them agree on, rather than utils.atomic_dir's per-process temp name.
-    """
-    final = root / f"step-{step:07d}"
-    partial = root / f".step-{step:07d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        for _, old in _checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------

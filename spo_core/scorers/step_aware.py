@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +28,7 @@ class StepAwareScorer:
 
     def __init__(self, model, clip_scorer: ClipScorer, name: str = "step_aware"):
         self.name = name
-        self.model = model.to(clip_scorer.device).eval().requires_grad_(False)
+        self.model = model.to(clip_scorer.device, dtype=clip_scorer.dtype).eval().requires_grad_(False)
         self.clip = clip_scorer  # owns preprocessing, tokenisation and text features
         self.device = clip_scorer.device
 
@@ -48,16 +48,16 @@ class StepAwareScorer:
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor, timesteps: Any = None) -> torch.Tensor:
-        x = self.clip.preprocess(check_images(images).to(self.device))
+        x = self.clip.preprocess(check_images(images).to(self.device)).to(self.clip.dtype)
         t = self._timesteps(timesteps, x.shape[0])
         bs = self.clip.batch_size
-        return torch.cat([self.model.image_features(x[i:i + bs], t[i:i + bs]) for i in range(0, x.shape[0], bs)])
+        return torch.cat([self.model.image_features(x[i:i + bs], t[i:i + bs]).float() for i in range(0, x.shape[0], bs)])
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], timesteps: Any = None) -> torch.Tensor:
         check_images(images, prompts)
         return clip_similarity(self.image_features(images, timesteps), self.clip.text_features(prompts),
-                               self.model.logit_scale.detach().exp())
+                               self.model.logit_scale.detach().float().exp())
 
 
 class StepAwareOptions(BaseModel):
@@ -66,6 +66,7 @@ class StepAwareOptions(BaseModel):
     processor: str | None = None  # tokenizer + preprocessor_config.json; None: the model directory
     batch_size: int = Field(default=16, gt=0)
     max_length: int = Field(default=77, gt=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # bf16 on GPUs: half the memory and time
 
 
 @register_scorer("step_aware")
@@ -86,6 +87,6 @@ def build_step_aware(path: str | None = None, device: str | torch.device = "cpu"
     size, mean, std = read_clip_image_config(proc, int(model.clip.config.vision_config.image_size))
     # The wrapped CLIPModel serves ClipScorer's text features and preprocessing: one copy in memory.
     clip_scorer = ClipScorer(model.clip, tokenizer, size, mean, std, device=device, name="step_aware",
-                             batch_size=opts.batch_size, max_length=opts.max_length)
+                             batch_size=opts.batch_size, max_length=opts.max_length, dtype=opts.dtype)
     log.info("step_aware scorer from %s (time_conditioned=%s)", path, model.time_conditioned)
     return StepAwareScorer(model, clip_scorer)

@@ -16,8 +16,8 @@ from ..data.prompts import load_prompts
 from ..models.diffusion import DiffusionPolicy, load_policy
 from ..sampling import sample_images
 from ..scorers.base import Scorer, build_scorer
-from ..training import Method, train_rounds
-from ..utils import atomic_file, resolve_device, seed_everything
+from ..training import Method, make_accelerator, train_rounds
+from ..utils import atomic_file, seed_everything
 from .common import is_main_process, metrics_path
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
                  offline: bool = False, needs_scorer: bool = True) -> dict:
     """Train a LoRA with the method ``make_method(policy, scorer)`` builds; return summary metrics."""
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.device)
+    # The Accelerator first: it gives each process its own GPU, and everything goes there.
+    acc = make_accelerator(cfg.train.mixed_precision, cfg.device)
+    device = acc.device
     policy = load_policy(cfg.model, device)
     scorer = build_scorer(cfg.scorer.name, cfg.scorer.path, device, **cfg.scorer.options) if needs_scorer else None
     method = make_method(policy, scorer)
@@ -57,7 +59,7 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     start = monitor(-1, policy, force=True) if monitor is not None and not cfg.train.resume else {}
     res = train_rounds(policy, method, None if offline else prompts_from(cfg.prompts), cfg.lora, cfg.optim, cfg.train,
                        resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r),
-                       device=device)
+                       accelerator=acc, run_config=cfg.model_dump(mode="json"))
     hist = res["history"]
     if is_main_process():
         curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]

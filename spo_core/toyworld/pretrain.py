@@ -12,24 +12,19 @@ steps) ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel
 
+from ..checkpoints import CheckpointStore
 from ..models.diffusion import DiffusionPolicy
-from ..utils import atomic_dir
 from .config import CaptionNoise, ToyPretrainConfig, WorldConfig
 from .grammar import Scene, format_prompt, parse_many
 from .models import build_base_policy
@@ -38,7 +33,6 @@ from .world import LoadedWorld
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 
 
 @dataclass
@@ -87,40 +81,31 @@ def training_batch(step: int, cfg: ToyPretrainConfig, world: LoadedWorld, scenes
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def fingerprint(cfg: ToyPretrainConfig, world: WorldConfig) -> str:
-    """Hash of everything that shapes the trained weights; a checkpoint only resumes a matching run."""
-    keys = {"seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "max_grad_norm",
-            "arch", "captions"}
-    blob = json.dumps({"train": cfg.model_dump(mode="json", include=keys), "world": world.model_dump(mode="json")},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+FINGERPRINT_KEYS = {"seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "max_grad_norm",
+                    "arch", "captions"}
 
 
-def save_checkpoint(path: Path, policy: DiffusionPolicy, opt, sched, step: int, fp: str,
+def run_config(cfg: ToyPretrainConfig, world: WorldConfig) -> dict:
+    """Everything that shapes the trained weights; a checkpoint only resumes a matching run."""
+    return {"train": cfg.model_dump(mode="json", include=FINGERPRINT_KEYS), "world": world.model_dump(mode="json")}
+
+
+def save_checkpoint(store: CheckpointStore, policy: DiffusionPolicy, opt, sched, step: int, config: dict,
                     losses: list[tuple[int, float]]) -> None:
-    with atomic_dir(path) as tmp:
-        policy.unet.save_pretrained(str(tmp / "unet"))
-        policy.text_encoder.save_pretrained(str(tmp / "text_encoder"))
-        torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, tmp / "optimizer.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fp, "losses": losses}))
+    store.save(step, {"unet": policy.unet.state_dict(), "text_encoder": policy.text_encoder.state_dict()},
+               {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, config, extra={"losses": losses})
 
 
-def load_checkpoint(path: Path, policy: DiffusionPolicy, opt, sched, fp: str) -> tuple[int, list[tuple[int, float]]]:
-    """Restore weights, optimiser and schedule from ``path``; returns (step, losses)."""
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["fingerprint"] != fp:
-        raise ValueError(
-            f"checkpoint '{path}' belongs to a different pretraining configuration (fingerprint "
-            f"{state['fingerprint']} != {fp}): delete that directory or set resume: false to start afresh"
-        )
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
-    text = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
-    policy.unet.load_state_dict(unet.state_dict())
-    policy.text_encoder.load_state_dict(text.state_dict())
-    extra = torch.load(path / "optimizer.pt", weights_only=True)
-    opt.load_state_dict(extra["optimizer"])
-    sched.load_state_dict(extra["lr_scheduler"])
-    return int(state["step"]), [tuple(x) for x in state["losses"]]
+def load_checkpoint(store: CheckpointStore, policy: DiffusionPolicy, opt, sched, config: dict) -> tuple[int, list]:
+    """Restore weights, optimiser and schedule from the latest checkpoint; returns (step, losses)."""
+    ck = store.resume(config)
+    if ck is None:
+        return 0, []
+    policy.unet.load_state_dict(ck.tensors["unet"])
+    policy.text_encoder.load_state_dict(ck.tensors["text_encoder"], strict=False)  # position_ids is a buffer
+    opt.load_state_dict(ck.state["optimizer"])
+    sched.load_state_dict(ck.state["lr_scheduler"])
+    return ck.step, [tuple(x) for x in ck.manifest["losses"]]
 
 
 # ------------------------------------------------------------------------------ training
@@ -137,12 +122,15 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
         m.requires_grad_(True).train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    fp = fingerprint(cfg, wcfg)
-    ckpt = Path(cfg.checkpoint_dir)
+    config = run_config(cfg, wcfg)
+    store = CheckpointStore(cfg.checkpoint_dir, keep=1)
     start, losses = 0, []
-    if cfg.resume and (ckpt / STATE_FILE).exists():
-        start, losses = load_checkpoint(ckpt, policy, opt, sched, fp)
-        log.info("resumed pretraining from %s at step %d", ckpt, start)
+    if cfg.resume:
+        start, losses = load_checkpoint(store, policy, opt, sched, config)
+        if start:
+            log.info("resumed pretraining from %s at step %d", store.root, start)
+    else:
+        store.clear()
 
     scenes = parse_many(world.train_prompts, wcfg)
     held = set(world.heldout_pairs)
@@ -176,7 +164,7 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
             if on_log is not None:
                 on_log(done, mean)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt, policy, opt, sched, done, fp, losses)
+            save_checkpoint(store, policy, opt, sched, done, config, losses)
     seconds = time.perf_counter() - t0
     for m in (unet, text):
         m.requires_grad_(False).eval()

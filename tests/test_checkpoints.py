@@ -1,0 +1,63 @@
+"""The one checkpoint mechanism: atomic folders, configuration fingerprints, safe resume."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from spo_core.checkpoints import CheckpointError, CheckpointStore, config_differences, fingerprint
+from spo_core.config import LoraConfig, ModelConfig, OptimConfig, SamplerConfig, SPOLossConfig, TrainConfig
+from spo_core.methods.spo import SPOMethod
+from spo_core.models.diffusion import load_policy
+from spo_core.scorers.simple import BrightnessScorer
+from spo_core.training import TrainingError, train_rounds
+
+
+def test_fingerprint_ignores_only_the_keys_that_may_change():
+    a = {"optim": {"lr": 1e-3, "betas": [0.9, 0.999]}, "train": {"rounds": 3, "seed": 0}}
+    b = {"optim": {"lr": 5e-4, "betas": [0.9, 0.999]}, "train": {"rounds": 9, "seed": 0}}
+    may = ("optim.lr", "train.rounds")
+    assert fingerprint(a, may) == fingerprint(b, may)
+    assert fingerprint(a) != fingerprint(b)
+    c = {**b, "train": {"rounds": 3, "seed": 1}}
+    assert config_differences(a, c, may) == ["train.seed: 0 -> 1"]
+
+
+def test_store_saves_atomically_keeps_the_last_and_restores(tmp_path):
+    store = CheckpointStore(tmp_path / "ck", keep=2)
+    cfg = {"x": 1}
+    for step in range(3):
+        store.save(step, {"model": {"w": torch.full((2,), float(step))}}, {"optimizer": {"step": step}}, cfg,
+                   extra={"history": [step]})
+    assert [p.name for p in store.list()] == ["step-000001", "step-000002"]
+    ck = store.resume(cfg)
+    assert ck.step == 2 and torch.equal(ck.tensors["model"]["w"], torch.full((2,), 2.0))
+    assert ck.state["optimizer"]["step"] == 2 and ck.manifest["history"] == [2]
+    # An unfinished folder (no manifest) is not a checkpoint.
+    (tmp_path / "ck" / "step-000009").mkdir()
+    assert store.latest().name == "step-000002"
+    with pytest.raises(CheckpointError, match=r"x: 1 -> 2.*Keys that may change on resume: none"):
+        store.resume({"x": 2})
+
+
+def _train(tmp_path, rounds, lr=1e-3, seed=0, resume=False):
+    policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
+    sampler = SamplerConfig(num_steps=4, kappa=1000, k=2, threshold=0.0)
+    train = TrainConfig(rounds=rounds, prompts_per_round=2, train_batch_size=4, seed=seed,
+                        output_dir=str(tmp_path / "run"), export_kohya=False)
+    return train_rounds(policy, SPOMethod(sampler, SPOLossConfig(), BrightnessScorer()), ["a cat", "a dog", "a cow"],
+                        LoraConfig(rank=2), OptimConfig(lr=lr), train, resume=resume, device="cpu")
+
+
+def test_resume_refuses_a_changed_configuration_and_follows_a_new_learning_rate(tmp_path, caplog):
+    _train(tmp_path, rounds=1)
+    with pytest.raises(TrainingError, match=r"train\.seed: 0 -> 1.*optim\.lr.*train\.rounds"):
+        _train(tmp_path, rounds=2, seed=1, resume=True)
+    # A lower learning rate (the way to continue a run that diverged) is allowed, and the optimiser
+    # takes it instead of the one saved in its state.
+    with caplog.at_level(logging.INFO, logger="spo_core.training"):
+        res = _train(tmp_path, rounds=2, lr=2e-4, resume=True)
+    assert "learning rate 0.001 -> 0.0002" in caplog.text
+    assert [h["round"] for h in res["history"]] == [0, 1]
