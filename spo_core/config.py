@@ -44,12 +44,17 @@ class SamplingConfig(Strict):
     num_steps: int = Field(default=20, ge=2)
     guidance_scale: float = Field(default=5.0, ge=0.0)
     eta: float = Field(default=1.0, ge=0.0)
+
+
+class RolloutConfig(SamplingConfig):
+    """Sampling inside an online trainer, whose candidates the preference model scores."""
+
     # Images decoded and scored per call: bounds the decoder's transient memory (SD-1.5 at 512 px
     # decodes about 1 GiB of activations per image in fp16).
     decode_batch_size: int = Field(default=64, ge=1)
 
 
-class SamplerConfig(SamplingConfig):
+class SamplerConfig(RolloutConfig):
     """The SPO step-wise branching sampler."""
 
     # Branch (k candidates per step) at every step whose next timestep is below kappa: with 20 steps,
@@ -177,7 +182,7 @@ class SPOConfig(TrainerBaseConfig):
 class D3POConfig(TrainerBaseConfig):
     """D3PO: two full trajectories from one x_T; the final-image label applies to every step."""
 
-    sampler: SamplingConfig = SamplingConfig()
+    sampler: RolloutConfig = RolloutConfig()
     loss: SPOLossConfig = SPOLossConfig(beta=0.1)
     threshold: float = Field(default=0.0, ge=0.0, lt=1.0)  # same pair filter as SPO; 0 keeps all
 
@@ -185,7 +190,7 @@ class D3POConfig(TrainerBaseConfig):
 class DDPOConfig(TrainerBaseConfig):
     """DDPO: PPO on full trajectories with per-prompt normalised rewards."""
 
-    sampler: SamplingConfig = SamplingConfig()
+    sampler: RolloutConfig = RolloutConfig()
     samples_per_prompt: int = Field(default=4, ge=2)
     clip_range: float = Field(default=1e-4, gt=0)
     adv_clip: float = Field(default=5.0, gt=0)

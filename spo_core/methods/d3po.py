@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SamplingConfig, SPOLossConfig
+from ..config import RolloutConfig, SPOLossConfig
 from ..sampling import SampleStats, StepPairs, decode_and_score, keep_pair, sample_trajectories
 from ..training import RoundContext
 from .spo import SPOMethod
@@ -18,7 +18,7 @@ from .spo import SPOMethod
 
 @dataclass
 class D3POMethod(SPOMethod):
-    sampler: SamplingConfig = None  # type: ignore[assignment]
+    sampler: RolloutConfig = None  # type: ignore[assignment]
     loss_cfg: SPOLossConfig = None  # type: ignore[assignment]
     scorer: object = None
     threshold: float = 0.0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SamplingConfig
+from ..config import RolloutConfig
 from ..losses import normalize_advantages, ppo_clip_loss
 from ..rows import Rows
 from ..sampling import SampleStats, decode_and_score, policy_step, sample_trajectories
@@ -27,7 +27,7 @@ class Transitions(Rows):
 
 @dataclass
 class DDPOMethod:
-    sampler: SamplingConfig
+    sampler: RolloutConfig
     scorer: object
     samples_per_prompt: int = 4
     clip_range: float = 1e-4
