@@ -116,9 +116,11 @@ class TrainConfig(Strict):
 
 
 class ScorerConfig(Strict):
-    """Which preference model scores candidates during SPO sampling (see spo_core.scorers)."""
+    """Which preference model scores candidates during SPO sampling (see spo_core.scorers).
 
-    name: str = "brightness"
+    No default: a forgotten name must not quietly train towards some other objective."""
+
+    name: str
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -158,7 +160,7 @@ class TrainerBaseConfig(Strict):
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
-    scorer: ScorerConfig = ScorerConfig()
+    scorer: ScorerConfig | None = None  # required by the online trainers (SPO, D3PO, DDPO)
     prompts: PromptsConfig
     monitor: MonitorConfig = MonitorConfig()
     device: str = "auto"
@@ -167,6 +169,7 @@ class TrainerBaseConfig(Strict):
 class SPOConfig(TrainerBaseConfig):
     """Everything the SPO trainer needs."""
 
+    scorer: ScorerConfig  # the step-aware preference model (e.g. {name: step_aware, path: artifacts/pm/aware})
     sampler: SamplerConfig = SamplerConfig()
     loss: SPOLossConfig = SPOLossConfig()
 
@@ -182,6 +185,7 @@ class SPOConfig(TrainerBaseConfig):
 class D3POConfig(TrainerBaseConfig):
     """D3PO: two full trajectories from one x_T; the final-image label applies to every step."""
 
+    scorer: ScorerConfig
     sampler: RolloutConfig = RolloutConfig()
     loss: SPOLossConfig = SPOLossConfig(beta=0.1)
     threshold: float = Field(default=0.0, ge=0.0, lt=1.0)  # same pair filter as SPO; 0 keeps all
@@ -190,6 +194,7 @@ class D3POConfig(TrainerBaseConfig):
 class DDPOConfig(TrainerBaseConfig):
     """DDPO: PPO on full trajectories with per-prompt normalised rewards."""
 
+    scorer: ScorerConfig
     sampler: RolloutConfig = RolloutConfig()
     samples_per_prompt: int = Field(default=4, ge=2)
     clip_range: float = Field(default=1e-4, gt=0)
@@ -218,6 +223,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{loc}': remove it or check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  - missing key '{loc}': add it to the section")
         else:
             lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

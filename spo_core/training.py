@@ -240,13 +240,25 @@ def train_rounds(
         if log_fn is not None and acc.is_main_process:
             log_fn(metrics, r)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", keep=f"{metrics.get('keep_fraction', 0):.2f}")
-        if acc.is_main_process and ((r + 1) % train_cfg.checkpoint_every == 0 or r + 1 == train_cfg.rounds):
-            state = {"optimizer": opt.state_dict()}
-            if acc.scaler is not None:
-                state["scaler"] = acc.scaler.state_dict()
-            store.save(r, {"lora": lora_state_dict(policy)}, state, config, RESUME_MAY_CHANGE, extra={"history": history})
+        if (r + 1) % train_cfg.checkpoint_every == 0 or r + 1 == train_cfg.rounds:
+            lora = lora_state_dict(policy)
+            if not all(bool(torch.isfinite(v).all()) for v in lora.values()):  # every process sees the same weights
+                last = store.latest()
+                raise TrainingError(f"the LoRA weights became non-finite in round {r}: not checkpointed (the last good "
+                                    f"checkpoint is {last.name if last else 'none'}); continue with --resume and a lower "
+                                    f"learning rate, e.g. --set optim.lr={optim_cfg.lr / 10:g}")
+            if acc.is_main_process:
+                state = {"optimizer": opt.state_dict()}
+                if acc.scaler is not None:
+                    state["scaler"] = acc.scaler.state_dict()
+                store.save(r, {"lora": lora}, state, config, RESUME_MAY_CHANGE, extra={"history": history})
         acc.wait_for_everyone()
     policy.forward_unet = policy.unet
+    if history and not any(h.get("optimizer_steps", 0) for h in history):
+        raise TrainingError(
+            f"no optimiser step in {len(history)} round(s): every round had no training item (all pairs filtered, e.g. "
+            f"mean keep_fraction {sum(h.get('keep_fraction', 0) for h in history) / len(history):.2f}); nothing was "
+            f"saved. Fix: lower sampler.threshold, or check the scorer and the data")
     result = {"history": history, "lora_dir": str(out / "lora")}
     if acc.is_main_process:
         save_lora(policy, out / "lora", lora_cfg, export_kohya=train_cfg.export_kohya)

@@ -61,3 +61,37 @@ def test_resume_refuses_a_changed_configuration_and_follows_a_new_learning_rate(
         res = _train(tmp_path, rounds=2, lr=2e-4, resume=True)
     assert "learning rate 0.001 -> 0.0002" in caplog.text
     assert [h["round"] for h in res["history"]] == [0, 1]
+
+
+class _InfGradients(SPOMethod):
+    """A stand-in for a diverging step: finite loss, infinite gradients in round 0."""
+
+    def loss(self, ctx, batch):
+        loss, m = super().loss(ctx, batch)
+        if ctx.round == 0:
+            p = next(q for n, q in ctx.policy.unet.named_parameters() if "lora_A" in n)
+            p.register_hook(lambda g: g * float("inf"))
+        return loss, m
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    # The round's loss was finite, so only a check of the weights keeps them out of "the last good
+    # checkpoint" that the error message tells the user to resume from.
+    policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
+    sampler = SamplerConfig(num_steps=4, kappa=1000, k=2, threshold=0.0)
+    train = TrainConfig(rounds=2, prompts_per_round=2, output_dir=str(tmp_path / "run"), export_kohya=False)
+    with pytest.raises(TrainingError, match=r"non-finite in round 0: not checkpointed.*--resume.*optim\.lr=0\.0001"):
+        train_rounds(policy, _InfGradients(sampler, SPOLossConfig(), BrightnessScorer()), ["a cat", "a dog"],
+                     LoraConfig(rank=2), OptimConfig(lr=1e-3), train, device="cpu")
+    assert CheckpointStore(tmp_path / "run" / "checkpoints", prefix="round").list() == []
+    assert not (tmp_path / "run" / "lora").exists()
+
+
+def test_a_run_in_which_every_pair_is_filtered_fails(tmp_path):
+    policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
+    sampler = SamplerConfig(num_steps=4, kappa=1000, k=2, threshold=0.999)  # brightness gaps are far below it
+    train = TrainConfig(rounds=2, prompts_per_round=2, output_dir=str(tmp_path / "run"), export_kohya=False)
+    with pytest.raises(TrainingError, match=r"no optimiser step in 2 round\(s\).*keep_fraction 0\.00.*sampler\.threshold"):
+        train_rounds(policy, SPOMethod(sampler, SPOLossConfig(), BrightnessScorer()), ["a cat", "a dog"],
+                     LoraConfig(rank=2), OptimConfig(), train, device="cpu")
+    assert not (tmp_path / "run" / "lora").exists()

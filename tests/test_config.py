@@ -33,6 +33,8 @@ PROFILE = textwrap.dedent(
         rank: 64
       train:
         rounds: 3
+      scorer:
+        name: brightness
       prompts:
         source: list
         prompts: ["a cat", "a dog"]
@@ -161,7 +163,7 @@ def test_missing_required_section_keys(tmp_path):
         train_spo:
           prompts: {prompts: [a]}
         """)
-    with pytest.raises(ConfigError, match=r"  - model: Field required"):
+    with pytest.raises(ConfigError, match=r"  - missing key 'model': add it to the section"):
         load_spo_config(path)
 
 
@@ -195,3 +197,16 @@ def test_malformed_overrides(profile, override, match):
 def test_sampler_defaults_match_paper():
     s = SamplerConfig()
     assert (s.num_steps, s.eta, s.kappa, s.k, s.inner_steps, s.threshold) == (20, 1.0, 750, 4, 0, 0.3)
+
+
+def test_an_online_trainer_without_a_scorer_is_refused(tmp_path):
+    # Without a scorer section SPO used to train towards brightness, silently.
+    path = _write(tmp_path, """
+        train_spo:
+          model: {pretrained: "tiny:sd15"}
+          prompts: {prompts: [a]}
+        """)
+    with pytest.raises(ConfigError, match=r"missing key 'scorer': add it to the section"):
+        load_spo_config(path)
+    with pytest.raises(ConfigError, match=r"missing key 'scorer.name'"):
+        load_spo_config("tiny", ["scorer={path: x}"])

@@ -62,6 +62,7 @@ def _config(kind: str, out: Path, per_round: int, batch: int, seed: int):
         "train": {"rounds": 3, "prompts_per_round": per_round, "train_batch_size": batch, "seed": seed,
                   "output_dir": str(out), "export_kohya": False},
         "prompts": {"source": "list", "prompts": PROMPTS},
+        "scorer": {"name": "brightness"},  # validated only: the processes use GatedScorer
         "device": "cpu",
     }
     if kind == "spo":

@@ -167,6 +167,19 @@ def test_partially_matching_lora_raises(make_policy, tmp_path):
         load_lora(make_policy("sd15"), out)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_lora_is_refused_before_anything_is_generated(make_policy, perturb_lora, tmp_path, bad):
+    cfg = LoraConfig(rank=4)
+    policy = make_policy("sd15")
+    trained_like(policy, cfg, perturb_lora)
+    with torch.no_grad():
+        next(p for n, p in policy.unet.named_parameters() if "lora_B" in n)[0, 0] = bad
+    out = save_lora(policy, tmp_path / "diverged", cfg)
+    for path in (out, out / KOHYA_WEIGHT_NAME):
+        with pytest.raises(LoraLoadError, match=r"NaN/inf values in 1 of \d+ tensors.*diverged run"):
+            load_lora(make_policy("sd15"), path)
+
+
 def test_load_lora_bad_paths(make_policy, tmp_path):
     policy = make_policy("sd15")
     with pytest.raises(LoraLoadError, match="does not exist"):

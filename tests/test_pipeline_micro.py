@@ -51,6 +51,8 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
     for key in ("base/toy_reward/mean", "spo/toy_reward/mean", "spo/toy_reward/winrate_vs_base", "spo/toy_reward/ci_low"):
         assert key in ev
     assert (repo / "artifacts/spo/lora/pytorch_lora_weights.safetensors").exists()
+    history = json.loads((repo / "artifacts/spo/history.json").read_text())
+    assert sum(h["optimizer_steps"] for h in history) > 0  # SPO really trained
     assert (repo / "artifacts/evaluate/table.md").read_text().startswith("#")
     monitored = json.loads((repo / "metrics/train_spo_monitor.json").read_text())
     assert monitored[0]["round"] == -1 and all("monitor_toy_reward" in m for m in monitored)

@@ -121,6 +121,10 @@ def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADA
     unet_sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
     if not unet_sd:
         raise LoraLoadError(f"LoRA '{path}' has no UNet weights (keys like unet.*); it may be for another model family")
+    bad = [k for k, v in unet_sd.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # before any image is generated or scored: it would only give black images
+        raise LoraLoadError(f"LoRA '{path}' holds NaN/inf values in {len(bad)} of {len(unet_sd)} tensors (e.g. {bad[0]}): "
+                            f"it comes from a diverged run; use an earlier checkpoint's LoRA")
     try:
         policy.unet.load_lora_adapter(unet_sd, network_alphas=alphas, prefix="unet", adapter_name=adapter_name,
                                       metadata=metadata)
