@@ -210,3 +210,9 @@ def test_an_online_trainer_without_a_scorer_is_refused(tmp_path):
         load_spo_config(path)
     with pytest.raises(ConfigError, match=r"missing key 'scorer.name'"):
         load_spo_config("tiny", ["scorer={path: x}"])
+
+
+@pytest.mark.parametrize("override,key", [("optim.lr=.inf", "optim.lr"), ("sampler.guidance_scale=.nan", "sampler.guidance_scale")])
+def test_inf_and_nan_are_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"  - {key}: Input should be a finite number"):
+        load_spo_config("tiny", [override])
