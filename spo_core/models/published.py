@@ -137,22 +137,8 @@ SDXL_TEXT_CONFIG: dict[str, Any] = dict(CLIP_L_TEXT_CONFIG)  # the same CLIP-L t
 
 # OpenCLIP ViT-bigG/14 text tower with its projection (SDXL's text_encoder_2).
 OPENCLIP_BIGG_TEXT_CONFIG: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    attention_dropout=0.0,
-    dropout=0.0,
-    initializer_range=0.02,
-    initializer_factor=1.0,
-    projection_dim=1280,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
+    CLIP_L_TEXT_CONFIG, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280,
 )
 
 # ------------------------------------------------------------------------------------------ PickScore
