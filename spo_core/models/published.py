@@ -148,20 +148,9 @@ OPENCLIP_BIGG_TEXT_CONFIG: dict[str, Any] = dict(
 PICKSCORE_CLIP_CONFIG: dict[str, Any] = dict(
     projection_dim=1024,
     logit_scale_init_value=2.6592,
-    text_config=dict(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=1024,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    ),
+    # The OpenCLIP ViT-H/14 text tower: CLIP-L's layout at width 1024, 24 layers, gelu.
+    text_config=dict(CLIP_L_TEXT_CONFIG, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, hidden_act="gelu", projection_dim=1024),
     vision_config=dict(
         hidden_size=1280,
         intermediate_size=5120,
