@@ -23,9 +23,14 @@ from prefect import serve
 
 from flows.ablation import ablation
 from flows.spo import spo, stage
+from spo_core.runner import run_entrypoint
 
 
-def main() -> None:
+def main() -> int:
+    return run_entrypoint(_serve)
+
+
+def _serve() -> None:
     os.chdir(ROOT)  # entrypoints (flows/spo.py:spo) and the default repository root are relative to it
     os.environ.setdefault("SPO_REPO_ROOT", str(ROOT))
     serve(
@@ -36,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

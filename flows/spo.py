@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ from prefect.logging import get_run_logger
 
 from spo_core import tracking
 from spo_core.config import PROFILE_DIR, read_profile
-from spo_core.dvc_graph import DvcGraphError, is_gpu_stage, stage_order
+from spo_core.dvc_graph import is_gpu_stage, stage_order
+from spo_core.errors import SpoError
+from spo_core.runner import run_entrypoint
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ TAIL_LINES = 40
 RETRY_DELAY_S = 10
 
 
-class StageFailed(RuntimeError):
+class StageFailed(SpoError, RuntimeError):
     """``dvc repro`` of one stage exited non-zero; the message ends with its stderr tail."""
 
     def __init__(self, stage: str, returncode: int, stderr_tail: str):
@@ -194,12 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", help="YAML file or profile to install as params.yaml first")
     parser.add_argument("--repo", help="repository root (default: working directory)")
     args = parser.parse_args(argv)
-    try:
-        spo(target=args.target, force=args.force, params=args.params, repo=args.repo)
-    except (DvcGraphError, StageFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entrypoint(lambda: spo(target=args.target, force=args.force, params=args.params, repo=args.repo) and 0)
 
 
 if __name__ == "__main__":

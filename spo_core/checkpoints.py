@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .utils import atomic_dir
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MANIFEST = "manifest.json"
 STATE = "state.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be resumed; the message names the folder and the fix."""
 
 

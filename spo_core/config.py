@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from .errors import InputError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 

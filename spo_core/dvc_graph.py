@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ DEFAULT_GPU_STAGES = frozenset({
 GPU_STAGES_ENV = "SPO_GPU_STAGES"
 
 
-class DvcGraphError(RuntimeError):
+class DvcGraphError(InputError, RuntimeError):
     """The DVC project or the target cannot be read; the message names the problem and the fix."""
 
 

@@ -45,6 +45,7 @@ from .reporting import image_grid, markdown_table, save_png_atomic, write_text_a
 from .sampling import sample_images
 from .scorers.base import Scorer
 from .stats import bootstrap_win_rate_ci, mean_ci, paired_diff_ci
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _PRODUCERS = (("diffusion_dpo", "train_diffusion_dpo"), ("diffusion-dpo", "train
               ("d3po", "train_d3po"), ("ddpo", "train_ddpo"), ("dpo", "train_diffusion_dpo"), ("spo", "train_spo"))
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(InputError, RuntimeError):
     """An evaluation that cannot run as configured; the message names the problem and the fix."""
 
 
@@ -157,6 +158,15 @@ def use_model(policy: DiffusionPolicy, spec: ModelSpec, adapter_name: str = "eva
         yield
     finally:
         unet.delete_adapters([adapter_name])
+
+
+def check_loras(policy: DiffusionPolicy, models: Sequence[ModelSpec]) -> None:
+    """Load and drop every LoRA once before any image is made: one of the wrong architecture, or with
+    NaN weights, fails in seconds instead of after the base model's whole evaluation."""
+    for spec in models:
+        if spec.lora is not None:
+            with use_model(policy, spec, adapter_name="check"):
+                pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +291,7 @@ def evaluate_models(
         raise EvaluationError(f"model names must be unique, got {names}")
     if not scorers:
         raise EvaluationError("no scorers given: configure at least one scorer")
+    check_loras(policy, models)
     items = item_table(list(prompts), images_per_prompt, seed)
     n_grid = min(int(grid_prompts), len(prompts))
     frames, grid = [], {}

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 
+from .runner import run_entrypoint
 from .ablation import available_specs, load_spec, run_ablation
-from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +43,17 @@ def main(argv: list[str] | None = None, prog: str = "spo ablation", run_table: R
     parser.add_argument("--params", help="params file or profile instead of each spec's")
     parser.add_argument("--variant", action="append", dest="variants", help="run only this variant (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         for name in args.specs:  # every spec validated before the first runs
             load_spec(name)
         for name in args.specs:
             t0 = time.perf_counter()
             run_table(name, args.params, args.variants)
             log.info("table %s done in %.1f min", name, (time.perf_counter() - t0) / 60)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_entrypoint(body)
 
 
 if __name__ == "__main__":

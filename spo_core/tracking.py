@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,14 +19,23 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "spo"
 
 
-def default_tracking_uri() -> str:
+# An unreachable tracking server fails within about a minute instead of MLflow's ~4 minutes of
+# retries; users who want more set these variables themselves.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def default_tracking_uri(create: bool = True) -> str:
     root = Path(os.environ.get("SPO_MLRUNS_DIR", "mlruns")).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def setup_mlflow(experiment: str | None = None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     import mlflow
 
     # Always set it: a URI set earlier in this process would otherwise beat the environment.
@@ -64,7 +74,8 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
         return
     mlflow = setup_mlflow()
     parent = nested_parent or os.environ.get("SPO_PARENT_RUN_ID")
-    run_tags = {"stage": stage, **(tags or {})}
+    close_orphans(mlflow, stage)
+    run_tags = {"stage": stage, "host": socket.gethostname(), "pid": str(os.getpid()), **(tags or {})}
     if parent:
         run_tags["mlflow.parentRunId"] = parent
     run = mlflow.start_run(run_name=stage, tags=run_tags, nested=mlflow.active_run() is not None)
@@ -75,11 +86,43 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i:i + 100]))
         yield run
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as exc:
+        mlflow.end_run(status="KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_orphans(mlflow, stage: str) -> int:
+    """Mark KILLED the RUNNING runs of ``stage`` whose process (on this host) no longer exists.
+
+    A SIGKILLed stage cannot end its run; without this it would show as running for ever.
+    """
+    host = socket.gethostname()
+    exp = mlflow.get_experiment_by_name(os.environ.get("SPO_EXPERIMENT", DEFAULT_EXPERIMENT))
+    if exp is None:
+        return 0
+    stale = mlflow.search_runs([exp.experiment_id], output_format="list", filter_string=(
+        f"attributes.status = 'RUNNING' and tags.stage = '{stage}' and tags.host = '{host}'"))
+    n = 0
+    for r in stale:
+        pid = int(r.data.tags.get("pid", "0") or 0)
+        if pid and pid != os.getpid() and not _alive(pid):
+            mlflow.MlflowClient().set_terminated(r.info.run_id, status="KILLED")
+            n += 1
+    if n:
+        log.info("marked %d orphaned '%s' run(s) KILLED (their process had died)", n, stage)
+    return n
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

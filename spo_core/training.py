@@ -28,11 +28,12 @@ from .models.lora import attach_lora, lora_state_dict, save_lora, save_merged
 from .rows import Rows
 from .sampling import RowRNG
 from .utils import atomic_file
+from .errors import SpoError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SpoError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 

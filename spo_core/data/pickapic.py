@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from spo_core.utils import atomic_path
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 _LABEL_TOL = 1e-6
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(InputError, ValueError):
     """A preference dataset that breaks the schema; the message names the file, the problem and the fix."""
 
 

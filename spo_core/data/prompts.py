@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ __all__ = [
 DEFAULT_PICKAPIC_SPLIT = "validation_unique"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputError, ValueError):
     """A prompt file that cannot be read; the message names the file, the problem and the fix."""
 
 

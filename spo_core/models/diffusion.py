@@ -20,13 +20,14 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ..config import ModelConfig
 from ..utils import DTYPES
 from .latent_map import PixelShuffleLatentMap
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 DDIM_OVERRIDES = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError, RuntimeError):
     """A model that cannot be loaded; the message names the source and how to fix it."""
 
 

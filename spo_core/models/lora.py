@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..config import LoraConfig
 from ..utils import atomic_dir
 from .diffusion import DiffusionPolicy
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 
 
-class LoraLoadError(RuntimeError):
+class LoraLoadError(InputError, RuntimeError):
     """A LoRA file that does not fit the model; the message says which and what to do."""
 
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..data.pickapic import PreferenceDataError, decode_image, read_preference_dataset, validate_preference_frame
 from ..scorers.preprocess import center_crop, looks_like_hub_id, resize_shortest_side
 from ..utils import atomic_dir, atomic_file
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ TRAIN_SALT, EVAL_SALT = 0, 1
 DRAW = -1  # plan marker: draw t ~ U{0..T-1} from the entry's generator
 
 
-class NoisyPairsError(RuntimeError):
+class NoisyPairsError(InputError, RuntimeError):
     """A noisy-pair directory that cannot be built or read; the message names the fix."""
 
 

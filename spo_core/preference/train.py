@@ -31,7 +31,7 @@ from ..reporting import markdown_table, write_text_atomic
 from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
 from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
 from ..checkpoints import CheckpointStore, fingerprint
-from ..utils import atomic_dir, atomic_file, resolve_device
+from ..utils import atomic_dir, atomic_file, resolve_device, staged
 from .config import TrainPMConfig
 from .noisy_pairs import NoisyPairs
 from .time_clip import TimeConditionedCLIP, write_processor
@@ -293,7 +293,7 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, defer=False) as tmp:  # a finished variant survives a later failure
             unwrapped.save_pretrained(tmp)
             inputs.save(tmp)
             (tmp / STATE_FILE).write_text(json.dumps({"variant": variant, "step": step, "fingerprint": fingerprint(config),
@@ -363,6 +363,6 @@ def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
             json.dump({v: {str(t): {"accuracy": a, "pairs": n} for t, (a, n) in r.items()} for v, r in results.items()},
                       fh, indent=2)
         tracking.log_table(table, "pm_accuracy")
-        tracking.log_artifact(out / "accuracy.md")
+        tracking.log_artifact(staged(out / "accuracy.md"))
         log.info("preference accuracy:\n%s", md)
     return metrics

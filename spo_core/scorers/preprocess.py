@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ValidationError
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ T = TypeVar("T")
 O = TypeVar("O", bound=BaseModel)
 
 
-class ScorerLoadError(RuntimeError):
+class ScorerLoadError(InputError, RuntimeError):
     """A scorer's weights, tokenizer or config could not be found or do not fit the architecture."""
 
 

@@ -2,40 +2,93 @@
 
 A stage is a plain function ``run(cfg) -> dict`` (metrics) in ``spo_core/stages/<name>.py``.
 DVC calls ``python -m spo_core.stages.<name>``, Prefect tasks and tests call :func:`execute`;
-no caller re-implements any of it.
+no caller re-implements any of it. Errors reach the user through :mod:`spo_core.runner`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+import fcntl
 import json
 import logging
+import math
 import os
+import socket
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel
 
 from .. import tracking
-from ..config import ConfigError, load_section
-from ..utils import atomic_dir, atomic_file
+from ..config import load_section
+from ..errors import InputError
+from ..runner import run_entrypoint
+from ..utils import atomic_dir, atomic_file, deferred_commits
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS = "params.yaml"
 
 
+_METRICS_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("spo_metrics_dir", default=None)
+
+
+def output_root(cfg: BaseModel) -> Path | None:
+    """The folder a stage writes: ``output_dir``, or ``train.output_dir`` for the training stages."""
+    for holder in (cfg, getattr(cfg, "train", None)):
+        out = getattr(holder, "output_dir", None)
+        if isinstance(out, str):
+            return Path(out)
+    return None
+
+
+def metrics_dir(cfg: BaseModel | None = None) -> Path:
+    """Where a stage's metrics files go.
+
+    The pipeline's tracked ``metrics/`` is written only by the pipeline: under ``dvc repro`` (which
+    sets ``DVC_STAGE``) or where ``SPO_METRICS_DIR`` says (ablations, tests). An ad-hoc run
+    (``spo train-spo --config tiny``) writes ``metrics/`` beside its output folder instead.
+    """
+    if os.environ.get("SPO_METRICS_DIR"):
+        return Path(os.environ["SPO_METRICS_DIR"])
+    active = _METRICS_DIR.get()
+    if active is not None:
+        return active
+    root = output_root(cfg) if cfg is not None else None
+    if os.environ.get("DVC_STAGE") or root is None:
+        return Path("metrics")
+    return root.parent / "metrics"
+
+
 def metrics_path(stage: str) -> Path:
-    return Path(os.environ.get("SPO_METRICS_DIR", "metrics")) / f"{stage}.json"
+    return metrics_dir() / f"{stage}.json"
+
+
+def _finite(v: Any) -> Any:
+    # JSON has no NaN: a metric that is undefined (no pair kept, say) is written as null.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def write_json(path: Path, data: Any, indent: int = 2) -> Path:
+    with atomic_file(path, "w") as fh:
+        json.dump(_finite(data), fh, indent=indent, sort_keys=indent == 2, default=float, allow_nan=False)
+        fh.write("\n")
+    return path
 
 
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:
-    path = metrics_path(stage)
-    with atomic_file(path, "w") as fh:
-        json.dump(metrics, fh, indent=2, sort_keys=True, default=float)
-        fh.write("\n")
-    return path
+    return write_json(metrics_path(stage), metrics)
 
 
 def is_main_process() -> bool:
@@ -59,19 +112,69 @@ def skip_stage(stage: str, cfg: BaseModel) -> dict[str, Any]:
     return metrics
 
 
+def _check_writable(folder: Path) -> None:
+    """Fail before any compute if ``folder`` (or the folder it would be created in) is not writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"output folder '{folder}' is not writable ({exc.strerror}). Fix: make it writable, or "
+                         "choose another output_dir (metrics: SPO_METRICS_DIR)") from None
+
+
+@contextlib.contextmanager
+def output_lock(root: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``root`` for the whole run: a second run into it is refused."""
+    lock = root.parent / f".{root.name}.lock"
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise InputError(f"output folder '{root}' is in use by another run ({holder}). Fix: wait for that run to "
+                             "end, or choose another output_dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``metrics/<stage>.json``."""
+    """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``<metrics dir>/<stage>.json``.
+
+    Outputs, metrics and the MLflow record are committed together: the stage's output folder (or
+    the files directly in it) and its metrics files are renamed into place only after the stage and
+    its MLflow logging succeeded; on any failure the previous outputs and metrics stay.
+    """
     if getattr(cfg, "enabled", True) is False:
         return skip_stage(stage, cfg) if is_main_process() else {}
     t0 = time.perf_counter()
     if not is_main_process():
         return dict(run_fn(cfg) or {})
-    with tracking.stage_run(stage, params=cfg.model_dump(mode="json")):
-        metrics = dict(run_fn(cfg) or {})
-        metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
-        tracking.log_metrics(metrics)
-        write_metrics(stage, metrics)
-    log.info("stage %s done in %.1f s", stage, metrics["wall_time_s"])
+    root, mdir = output_root(cfg), metrics_dir(cfg)
+    for folder in ([root.parent] if root is not None else []) + [mdir]:
+        _check_writable(folder)
+    token = _METRICS_DIR.set(mdir)
+    try:
+        with contextlib.ExitStack() as stack:
+            if root is not None:
+                stack.enter_context(output_lock(root))
+            tx = stack.enter_context(deferred_commits([r for r in (root, mdir) if r is not None]))
+            stack.enter_context(tracking.stage_run(stage, params=cfg.model_dump(mode="json")))
+            metrics = dict(run_fn(cfg) or {})
+            metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
+            tracking.log_metrics(metrics)
+            path = write_metrics(stage, metrics)
+            tx.commit()
+    finally:
+        _METRICS_DIR.reset(token)
+    log.info("stage %s done in %.1f s; metrics in %s", stage, metrics["wall_time_s"], path)
     return metrics
 
 
@@ -80,18 +183,31 @@ def load_stage_config(stage: str, cfg_cls: type[BaseModel], params: str | Path =
     return load_section(params, stage, cfg_cls, overrides)
 
 
+def stage_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m spo_core.stages.{stage}",
+                                     description=(doc or "").strip() or f"Run the '{stage}' stage.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", "--config", dest="params", default=DEFAULT_PARAMS, metavar="FILE_OR_PROFILE",
+                        help="params file or profile name (toy, micro, tiny, sd15, sdxl); default params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a value of section '{stage}', e.g. --set train.rounds=3 (repeatable)")
+    return parser
+
+
 def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dict[str, Any]],
                argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m spo_core.stages.{stage}", description=f"Run the '{stage}' stage.")
-    parser.add_argument("--params", default=DEFAULT_PARAMS,
-                        help="params file or profile name (toy, sd15, sdxl, tiny); default params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a value of section '{stage}', e.g. --set train.rounds=3")
+    """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``)."""
+    parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None))
+    if cfg_cls is not None and "train" in getattr(cfg_cls, "model_fields", {}):
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the last checkpoint in train.output_dir/checkpoints (same as "
+                                 "--set train.resume=true); the configuration must match it except the keys it lists")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_stage_config(stage, cfg_cls, args.params, args.overrides)
-    except ConfigError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    execute(stage, cfg, run_fn)
-    return 0
+    overrides = list(args.overrides) + (["train.resume=true"] if getattr(args, "resume", False) else [])
+
+    def body() -> int:
+        cfg = load_stage_config(stage, cfg_cls, args.params, overrides)
+        execute(stage, cfg, run_fn)
+        return 0
+
+    return run_entrypoint(body)

@@ -33,7 +33,7 @@ from ..evaluation import (
 )
 from ..models.diffusion import load_policy
 from ..scorers.base import build_scorer
-from ..utils import atomic_dir, resolve_device, seed_everything
+from ..utils import atomic_dir, resolve_device, seed_everything, staged
 from .common import stage_main
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def run(cfg: EvaluateConfig) -> dict:
         grid = comparison_grid(res.grid_images, res.grid_prompts, cfg.grid_image_size) if res.grid_images else None
         written = write_outputs(tmp, res.scores, summary, comparisons, table, grid)
     out_dir = Path(cfg.output_dir)
-    files = [out_dir / p.relative_to(tmp) for p in written.values()]
-    log.info("evaluation written to %s\n%s", out_dir, table)
+    files = [staged(out_dir) / p.relative_to(tmp) for p in written.values()]  # in place once the stage commits
+    log.info("evaluation for %s\n%s", out_dir, table)
 
     tracking.log_table(summary, f"{STAGE}/summary")
     if not comparisons.empty:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, validate_section
 from ..data.prompts import PromptFileError, load_prompts
-from ..evaluation import EvalSamplerConfig, EvaluationError, item_table, iter_images, model_specs, save_images, use_model
-from ..models.diffusion import ModelLoadError, load_policy
-from ..models.lora import LoraLoadError
+from ..errors import InputError
+from ..evaluation import EvalSamplerConfig, item_table, iter_images, model_specs, save_images, use_model
+from ..models.diffusion import load_policy
 from ..reporting import write_json_atomic
+from ..runner import run_entrypoint
 from ..utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -69,24 +72,43 @@ def generate(args: argparse.Namespace) -> Path:
     """Generate the images described by parsed ``args``; returns the manifest path."""
     for flag, v in (("--num-images", args.num_images), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if v < 1:
-            raise ValueError(f"{flag} must be >= 1, got {v}")
+            raise InputError(f"{flag} must be >= 1, got {v}")
     prompts = _prompts(args)
     device = resolve_device(args.device)
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    model_cfg = ModelConfig(pretrained=args.model, kind=args.kind, vae=args.vae, dtype=dtype,
-                            resolution=args.resolution, local_files_only=args.local_files_only)
-    sampler = EvalSamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    model_cfg = validate_section(ModelConfig, dict(pretrained=args.model, kind=args.kind, vae=args.vae, dtype=dtype,
+                                                   resolution=args.resolution, local_files_only=args.local_files_only),
+                                 "the spo generate options")
+    sampler = validate_section(EvalSamplerConfig, dict(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta),
+                               "the spo generate options")
     # [base] or [base, lora]; a missing LoRA fails here, before the model is loaded.
     spec = model_specs({"lora": args.lora} if args.lora else {}, args.lora_scale)[-1]
     seed_everything(args.seed)
     policy = load_policy(model_cfg, device)
     items = item_table(prompts, args.num_images, args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file: give a folder (it is created if missing)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a temporary folder beside `out` and moved in at the end: a failed or
+    # interrupted run leaves neither partial images nor an empty folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        files = _generate_into(tmp, policy, spec, items, sampler, args, model_cfg, device, prompts)
+        out.mkdir(exist_ok=True)
+        for name in [*files, MANIFEST]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %d images and %s to %s", len(files), MANIFEST, out)
+    return out / MANIFEST
+
+
+def _generate_into(tmp: Path, policy, spec, items, sampler, args, model_cfg, device, prompts) -> list[str]:
     files: list[str] = []
     with use_model(policy, spec, adapter_name="generate"):
         for rows, imgs in iter_images(policy, items, sampler, args.batch_size, quantize=False, desc="generate"):
-            files += save_images(imgs, rows, out)
+            files += save_images(imgs, rows, tmp)
     manifest: dict[str, Any] = {
         "model": model_cfg.model_dump(mode="json"),
         "lora": str(spec.lora) if spec.lora else None,
@@ -100,20 +122,13 @@ def generate(args: argparse.Namespace) -> Path:
         "images": [{"file": f, **{k: (v if k == "prompt" else int(v)) for k, v in row.items()}}
                    for f, (_, row) in zip(files, items.iterrows())],
     }
-    path = write_json_atomic(manifest, out / MANIFEST)
-    log.info("wrote %d images and %s to %s", len(files), MANIFEST, out)
-    return path
+    write_json_atomic(manifest, tmp / MANIFEST)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SPO_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        generate(args)
-    except (ModelLoadError, LoraLoadError, EvaluationError, PromptFileError, ValueError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_entrypoint(lambda: generate(args) and 0)
 
 
 if __name__ == "__main__":

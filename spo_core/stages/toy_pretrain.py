@@ -7,7 +7,6 @@ plus ``loss.csv`` and ``samples.png`` (held-out prompts: renderer image, then ba
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -17,7 +16,7 @@ from ..toyworld.compare import model_vs_renderer, sample_grid
 from ..toyworld.config import ToyPretrainConfig
 from ..toyworld.pretrain import train_base
 from ..toyworld.world import load_world
-from ..utils import atomic_dir
+from ..utils import atomic_dir, staged
 from .common import stage_main
 
 STAGE = "toy_pretrain"
@@ -51,7 +50,7 @@ def run(cfg: ToyPretrainConfig) -> dict:
         pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(tmp / "loss.csv", index=False)
         grid.save(tmp / "samples.png")
     tracking.log_image(grid, "toy_pretrain_samples.png")
-    tracking.log_artifact(Path(cfg.output_dir) / "loss.csv")
+    tracking.log_artifact(staged(cfg.output_dir) / "loss.csv")
     log.info("toy base model saved to %s", cfg.output_dir)
     return metrics
 

@@ -6,7 +6,6 @@ monitor, running the shared loop, writing the training curve and summarising hap
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Callable
 
@@ -17,8 +16,8 @@ from ..models.diffusion import DiffusionPolicy, load_policy
 from ..sampling import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, make_accelerator, train_rounds
-from ..utils import atomic_file, seed_everything
-from .common import is_main_process, metrics_path
+from ..utils import seed_everything, staged
+from .common import is_main_process, metrics_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +62,14 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     hist = res["history"]
     if is_main_process():
         curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
-        with atomic_file(metrics_path(f"{stage}_curve"), "w") as fh:
-            json.dump(curve, fh, indent=1)
+        write_json(metrics_path(f"{stage}_curve"), curve, indent=1)
         # The monitored reward has its own plot file: DVC plots need the field in every row.
         monitored = [{"round": -1, **start}] if start else []
         monitored += [{"round": h["round"], **{k: v for k, v in h.items() if k.startswith("monitor_")}}
                       for h in hist if any(k.startswith("monitor_") for k in h)]
         if monitored:
-            with atomic_file(metrics_path(f"{stage}_monitor"), "w") as fh:
-                json.dump(monitored, fh, indent=1)
-        tracking.log_artifact(res["lora_dir"], "lora")
+            write_json(metrics_path(f"{stage}_monitor"), monitored, indent=1)
+        tracking.log_artifact(staged(res["lora_dir"]), "lora")
     last = hist[-1] if hist else {}
     out = {
         "rounds": len(hist),
