@@ -8,11 +8,12 @@ with dotted ``key=value`` strings (``sampler.k=8``). Unknown keys and bad values
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from .errors import InputError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -25,6 +26,23 @@ class ConfigError(InputError, ValueError):
 class Strict(BaseModel):
     # inf and nan are never meaningful settings (an lr of inf passed validation before).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `true` as 1 for a number; in a config file it is always a slip.
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            allowed = _flat_types(cls.model_fields[info.field_name].annotation)
+            if bool not in allowed and allowed & {int, float}:
+                raise ValueError("a number is needed, not true/false")
+        return v
+
+
+def _flat_types(tp: Any) -> set:
+    args = typing.get_args(tp)
+    if not args:
+        return {tp}
+    return set().union(*(_flat_types(a) for a in args))
 
 
 class ModelConfig(Strict):
@@ -115,6 +133,9 @@ class TrainConfig(Strict):
     save_merged: bool = False
     export_kohya: bool = True
     resume: bool = False  # continue from the last checkpoint in output_dir/checkpoints
+    # A LoRA weight beyond this means training diverged (trained SPO LoRAs stay below 1; lr=100 gives
+    # 256): the round is not checkpointed and training stops. None turns the check off.
+    max_lora_weight: float | None = Field(default=20.0, gt=0)
 
 
 class ScorerConfig(Strict):
@@ -247,10 +268,14 @@ def read_profile(profile: str | Path) -> dict[str, Any]:
             )
     if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder: give a YAML file or a profile name")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8): give a YAML file or a profile name") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data
@@ -272,7 +297,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(exc).splitlines()[0]}); quote "
+                              f"text values, e.g. {key}='\"...\"'") from None
     return data
 
 

@@ -95,9 +95,20 @@ def prompts_for_round(prompts: list, per_round: int, round_idx: int, seed: int,
 # Configuration keys a resumed run may change; every other key must match the checkpoint's.
 RESUME_MAY_CHANGE = (
     "train.rounds", "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.output_dir",
-    "train.save_merged", "train.export_kohya", "train.gradient_checkpointing", "train.allow_tf32",
+    "train.save_merged", "train.export_kohya", "train.gradient_checkpointing", "train.allow_tf32", "train.max_lora_weight",
     "optim.lr", "optim.max_grad_norm", "sampler.decode_batch_size", "monitor", "device",
 )
+
+
+def diverged(lora: dict[str, torch.Tensor], limit: float | None) -> str | None:
+    """Why these LoRA weights must not be checkpointed (non-finite, or beyond ``limit``), or None."""
+    bad = [k for k, v in lora.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        return f"non-finite values in {len(bad)} tensors, e.g. {bad[0]}"
+    top = max((float(v.abs().max()) for v in lora.values() if v.numel()), default=0.0)
+    if limit is not None and top > limit:
+        return f"largest |weight| {top:.3g} > train.max_lora_weight {limit:g}"
+    return None
 
 
 def make_accelerator(mixed_precision: str = "no", device: torch.device | str | None = None):
@@ -243,11 +254,12 @@ def train_rounds(
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", keep=f"{metrics.get('keep_fraction', 0):.2f}")
         if (r + 1) % train_cfg.checkpoint_every == 0 or r + 1 == train_cfg.rounds:
             lora = lora_state_dict(policy)
-            if not all(bool(torch.isfinite(v).all()) for v in lora.values()):  # every process sees the same weights
+            problem = diverged(lora, train_cfg.max_lora_weight)  # every process sees the same weights
+            if problem:
                 last = store.latest()
-                raise TrainingError(f"the LoRA weights became non-finite in round {r}: not checkpointed (the last good "
-                                    f"checkpoint is {last.name if last else 'none'}); continue with --resume and a lower "
-                                    f"learning rate, e.g. --set optim.lr={optim_cfg.lr / 10:g}")
+                raise TrainingError(f"the LoRA diverged in round {r} ({problem}): not checkpointed (the last good "
+                                    f"checkpoint is {last.name if last else 'none'}). Fix: continue from it with a lower "
+                                    f"learning rate: --resume --set optim.lr={optim_cfg.lr / 10:g}")
             if acc.is_main_process:
                 state = {"optimizer": opt.state_dict()}
                 if acc.scaler is not None:

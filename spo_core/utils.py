@@ -100,6 +100,16 @@ def _replace(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _plain_modes(folder: Path) -> None:
+    # Some writers (safetensors) create files 0600; outputs get what plain open() would give.
+    mask = _umask()
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, (os.stat(p).st_mode & 0o111 | 0o666) & ~mask)
+
+
 def _tmp_prefix(path: Path) -> str:
     # The pid lets a later run remove what a killed one left behind.
     return f".{path.name}.tmp-{os.getpid()}-"
@@ -140,6 +150,7 @@ def atomic_dir(path: str | Path, defer: bool = True) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; finished outputs get normal permissions
     try:
         yield tmp
+        _plain_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -80,7 +80,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
     sampler = SamplerConfig(num_steps=4, kappa=1000, k=2, threshold=0.0)
     train = TrainConfig(rounds=2, prompts_per_round=2, output_dir=str(tmp_path / "run"), export_kohya=False)
-    with pytest.raises(TrainingError, match=r"non-finite in round 0: not checkpointed.*--resume.*optim\.lr=0\.0001"):
+    with pytest.raises(TrainingError, match=r"diverged in round 0 \(non-finite.*not checkpointed.*--resume --set optim\.lr=0\.0001"):
         train_rounds(policy, _InfGradients(sampler, SPOLossConfig(), BrightnessScorer()), ["a cat", "a dog"],
                      LoraConfig(rank=2), OptimConfig(lr=1e-3), train, device="cpu")
     assert CheckpointStore(tmp_path / "run" / "checkpoints", prefix="round").list() == []

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,7 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
            "SPO_MLRUNS_DIR": str(tmp_path / "mlruns"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("SPO_DISABLE_MLFLOW", None)
-    params = _sh(["python", "-m", "spo_core.cli", "params", "micro"], repo, env)
-    (repo / "params.yaml").write_text(params)
+    _sh(["python", "-m", "spo_core.cli", "params", "micro", "-o", "params.yaml"], repo, env)
     _sh(["git", "init", "-q"], repo, env)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "micro"], repo, env)
@@ -66,9 +66,30 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
     assert "Running stage 'toy_pretrain'" not in out
     assert "k3" in _sh(["dvc", "exp", "show", "--csv"], repo, env)
 
+    # A stage that fails under DVC keeps its previous outputs and metrics (DVC used to delete them
+    # before running it), and says why in one line.
+    kept = {p: (repo / p).read_bytes() for p in ("artifacts/prompts/train.txt", "metrics/prompts.json")}
+    good = (repo / "params.yaml").read_text()
+    broken = yaml.safe_load(good)
+    broken["prompts"]["train"]["path"] = "data/missing.txt"
+    (repo / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
+    res = subprocess.run(["dvc", "repro", "prompts"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "error: prompt file 'data/missing.txt': the file does not exist. Fix:" in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr + res.stdout
+    assert {p: (repo / p).read_bytes() for p in kept} == kept
+    # A profile switch with a typo leaves params.yaml as it was.
+    (repo / "params.yaml").write_text(good)
+    res = subprocess.run(["python", "-m", "spo_core.cli", "params", "mcro", "-o", "params.yaml"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown profile 'mcro'" in res.stderr
+    assert (repo / "params.yaml").read_text() == good
+
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["spo"])
-    assert set(stages) <= set(runs["tags.stage"]) and (runs["status"] == "FINISHED").all()
+    assert set(stages) <= set(runs["tags.stage"])
+    unfinished = runs[runs["status"] != "FINISHED"]  # only the broken prompts run above, recorded as failed
+    assert list(unfinished["tags.stage"]) == ["prompts"] and list(unfinished["status"]) == ["FAILED"]
     mlflow.set_tracking_uri(None)

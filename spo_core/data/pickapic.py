@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+# Added on reading: where each row came from, so that an error names the file and row.
+ORIGIN_COLUMNS = ("source_file", "source_row")
 _LABEL_TOL = 1e-6
 
 
@@ -129,10 +131,29 @@ def read_preference_dataset(path: str | os.PathLike) -> pd.DataFrame:
             raise PreferenceDataError(
                 f"preference data '{shard}': cannot be read as parquet ({exc}). Fix: repair or re-export the file"
             ) from None
-        frames.append(validate_preference_frame(df, str(shard)))
+        frames.append(with_origin(validate_preference_frame(df, str(shard)), str(shard)))
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+    out["source_file"] = out["source_file"].astype("category")
     logger.info("read %d preference pairs from %s (%d file(s))", len(out), path, len(frames))
     return out
+
+
+def with_origin(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """``df`` with the columns naming its rows' file and position in it (kept if already there)."""
+    if "source_file" in df.columns:
+        return df
+    df = df.copy()
+    df["source_file"] = pd.Categorical([source] * len(df))
+    df["source_row"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
+def row_origin(row: Mapping[str, Any] | pd.Series, index: Any = None) -> str:
+    """``file F, row N`` for a row read by :func:`read_preference_dataset`, else ``row <index>``."""
+    try:
+        return f"file {row['source_file']}, row {int(row['source_row'])}"
+    except (KeyError, TypeError, ValueError):
+        return f"row {index}"
 
 
 def write_preference_dataset(rows_or_df: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -143,7 +164,7 @@ def write_preference_dataset(rows_or_df: pd.DataFrame | Iterable[Mapping[str, An
     df = rows_or_df if isinstance(rows_or_df, pd.DataFrame) else pd.DataFrame(list(rows_or_df))
     path = Path(path)
     validate_preference_frame(df, str(path))
-    df = df.copy()
+    df = df.drop(columns=[c for c in ORIGIN_COLUMNS if c in df.columns])
     # memoryview cells do not serialise; normalise images to bytes and labels to float64.
     for col in ("jpg_0", "jpg_1"):
         df[col] = df[col].map(bytes)
@@ -161,7 +182,7 @@ def write_preference_dataset(rows_or_df: pd.DataFrame | Iterable[Mapping[str, An
 
 def decode_image(b: bytes, index: Any = None) -> torch.Tensor:
     """Decode encoded image bytes to a float RGB tensor (3, H, W) in [0, 1]."""
-    where = f" at row {index}" if index is not None else ""
+    where = "" if index is None else f" ({index})" if isinstance(index, str) else f" at row {index}"
     try:
         with Image.open(io.BytesIO(bytes(b))) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)

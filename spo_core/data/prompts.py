@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,8 +44,21 @@ def _fail(path: str | os.PathLike, problem: str, fix: str) -> PromptFileError:
     return PromptFileError(f"prompt file '{path}': {problem}. Fix: {fix}")
 
 
+# Control characters (NUL bytes of a binary file, say) are never part of a prompt.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# CLIP text encoders read 77 tokens (about 300 characters of English); much more means the file is
+# not one prompt per line.
+LONG_PROMPT_CHARS = 1000
+
+
 def _clean(raw: Iterable[str]) -> list[str]:
-    return [s for s in (r.strip() for r in raw) if s]
+    out = [s for s in (_CONTROL.sub(" ", r).strip() for r in raw) if s]
+    long = [i for i, s in enumerate(out) if len(s) > LONG_PROMPT_CHARS]
+    if long:
+        logger.warning("%d prompt(s) have more than %d characters (the first: prompt %d, %d characters); the text "
+                       "encoder reads only the first 77 tokens of each. Fix: shorten them, or check that the file holds "
+                       "one prompt per line", len(long), LONG_PROMPT_CHARS, long[0], len(out[long[0]]))
+    return out
 
 
 def _existing_file(path: str | os.PathLike | None, source: str) -> Path:

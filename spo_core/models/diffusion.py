@@ -264,6 +264,10 @@ def _is_local(src: str) -> bool:
     return Path(src).expanduser().exists()
 
 
+def _looks_like_path(src: str) -> bool:
+    return src.startswith(("/", "./", "../", "~")) or src.count("/") > 1 or "\\" in src
+
+
 def _offline_hint(src: str, what: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"could not load {what} from '{src}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
@@ -294,6 +298,9 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> Diffusi
         policy = DiffusionPolicy(kind=kind, resolution=cfg.resolution, **build_tiny_components(kind))
         return policy.to(device, dtype)
     local = _is_local(src)
+    if not local and _looks_like_path(src):  # not a hub id (owner/name): a path that does not exist
+        raise ModelLoadError(f"model path '{src}' does not exist: check the path (relative paths start at the working "
+                             "directory), or give a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
     if local:
         src = str(Path(src).expanduser())
         if not (Path(src) / "model_index.json").exists() and not (Path(src) / "unet").is_dir():

@@ -38,7 +38,14 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.pickapic import PreferenceDataError, decode_image, read_preference_dataset, validate_preference_frame
+from ..data.pickapic import (
+    PreferenceDataError,
+    decode_image,
+    read_preference_dataset,
+    row_origin,
+    validate_preference_frame,
+    with_origin,
+)
 from ..scorers.preprocess import center_crop, looks_like_hub_id, resize_shortest_side
 from ..utils import atomic_dir, atomic_file
 from ..errors import InputError
@@ -46,7 +53,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 FORMAT = "spo-noisy-pairs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content digests of the image bytes
 MANIFEST = "manifest.json"
 TRAIN_SALT, EVAL_SALT = 0, 1
 DRAW = -1  # plan marker: draw t ~ U{0..T-1} from the entry's generator
@@ -85,7 +92,7 @@ def load_preference_source(source: str, split: str = "train") -> pd.DataFrame:
         df = df[df["has_label"].astype(bool)]
     for col in ("jpg_0", "jpg_1"):  # `datasets` may hand images over as {"bytes": ..., "path": ...}
         df[col] = df[col].map(lambda v: v["bytes"] if isinstance(v, dict) else v)
-    return validate_preference_frame(df.reset_index(drop=True), f"{source}[{split}]")
+    return with_origin(validate_preference_frame(df.reset_index(drop=True), f"{source}[{split}]"), f"{source}[{split}]")
 
 
 def decisive(df: pd.DataFrame) -> pd.DataFrame:
@@ -243,11 +250,53 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def _frame_digest(df: pd.DataFrame) -> str:
-    h = hashlib.sha256()
-    for cap, l0, a, b in zip(df["caption"], df["label_0"], df["jpg_0"], df["jpg_1"]):
-        h.update(f"{cap}\x00{float(l0):.6f}\x00{len(a)}\x00{len(b)}\n".encode())
-    return h.hexdigest()[:16]
+DIGEST_BLOCK = 4096  # rows per block digest: a changed row is located to its block
+
+
+def _frame_digest(df: pd.DataFrame) -> tuple[str, list[str]]:
+    """A content hash of the rows (captions, labels and the image bytes themselves), and one per block."""
+    whole, blocks = hashlib.blake2b(digest_size=16), []
+    h = None
+    for i, (cap, l0, a, b) in enumerate(zip(df["caption"], df["label_0"], df["jpg_0"], df["jpg_1"])):
+        if i % DIGEST_BLOCK == 0:
+            if h is not None:
+                blocks.append(h.hexdigest())
+            h = hashlib.blake2b(digest_size=8)
+        for part in (f"{cap}\x00{float(l0):.6f}\x00{len(a)}\x00".encode(), bytes(a), bytes(b)):
+            h.update(part)
+    if h is not None:
+        blocks.append(h.hexdigest())
+    for d in blocks:
+        whole.update(d.encode())
+    return whole.hexdigest(), blocks
+
+
+def _mismatch(out: Path, old: dict[str, Any], fingerprint: dict[str, Any], blocks: list[str], df: pd.DataFrame) -> str:
+    """Say what differs between an existing set and this run: which settings, or which rows of which file."""
+    old_fp = old.get("fingerprint") or {}
+    differ = sorted(k for k in set(old_fp) | set(fingerprint) if old_fp.get(k) != fingerprint.get(k))
+    if set(differ) <= {"data_digest", "num_rows"}:
+        old_blocks = old.get("data_blocks") or []
+        i = next((j for j, (a, b) in enumerate(zip(old_blocks, blocks)) if a != b), min(len(old_blocks), len(blocks)))
+        lo, hi = i * DIGEST_BLOCK, min((i + 1) * DIGEST_BLOCK, len(df)) - 1
+        part = df.iloc[lo:hi + 1]
+        bad = ""
+        for idx, row in part.iterrows():
+            for col in ("jpg_0", "jpg_1"):
+                try:
+                    decode_image(row[col])
+                except PreferenceDataError:
+                    bad = f"; {col} of {row_origin(row, idx)} does not decode"
+                    break
+            if bad:
+                break
+        where = f"rows {lo}-{hi}" if lo <= hi else f"the row count ({old_fp.get('num_rows')} -> {len(df)})"
+        return (f"{out} was built from other data: {where} differ{bad}. Fix: if the data change is intended, delete "
+                f"{out} and rerun; otherwise restore the data (the existing shards stay usable)")
+    detail = ", ".join(f"{k}: {json.dumps(old_fp.get(k), sort_keys=True)} -> {json.dumps(fingerprint.get(k), sort_keys=True)}"
+                       for k in differ if k not in ("data_digest", "num_rows"))
+    return (f"{out} holds noisy pairs built with other settings ({detail}). Fix: restore those settings, or delete "
+            f"{out} to rebuild")
 
 
 def _shard_range(path: Path) -> tuple[int, int] | None:
@@ -350,23 +399,21 @@ def build_noisy_pairs(policy, df: pd.DataFrame, out_dir: str | os.PathLike, plan
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = settings.image_size or policy.resolution
+    digest, blocks = _frame_digest(df)
     fingerprint = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "salt": plan.salt,
-        "data_digest": _frame_digest(df), "num_rows": len(df),
+        "data_digest": digest, "num_rows": len(df),
         "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
                   "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
     }
     old = _read_manifest(out)
     if old is not None and old.get("fingerprint") != fingerprint:
-        raise NoisyPairsError(
-            f"{out} holds noisy pairs built with other settings or data (see its {MANIFEST}). Fix: delete that folder, "
-            "or restore the settings it was built with"
-        )
+        raise NoisyPairsError(_mismatch(out, old, fingerprint, blocks, df))
     n = len(plan)
     num_shards = math.ceil(n / settings.shard_size)
     # The source is recorded but not fingerprinted: the same data under another path may resume.
-    manifest = {"fingerprint": fingerprint, "source": source or {}, "num_pairs": n, "num_shards": num_shards,
-                "image_size": size, "shard_size": settings.shard_size, "complete": False}
+    manifest = {"fingerprint": fingerprint, "data_blocks": blocks, "source": source or {}, "num_pairs": n,
+                "num_shards": num_shards, "image_size": size, "shard_size": settings.shard_size, "complete": False}
     _write_manifest(out, manifest)
     for stale in sorted(out.glob("shard-*.safetensors")):  # shards beyond a shrunk plan must not be read
         if int(stale.stem.split("-")[1]) >= num_shards:
@@ -392,10 +439,11 @@ def build_noisy_pairs(policy, df: pd.DataFrame, out_dir: str | os.PathLike, plan
                                     settings.num_train_timesteps) for k in ks]
                 t = torch.tensor([d[0] for d in draws], dtype=torch.long)
                 noise = torch.stack([d[1] for d in draws])
-                clean0 = torch.stack([to_square(decode_image(x, i)[None], policy.resolution)[0]
-                                      for x, i in zip(rows["jpg_0"], rows.index)])
-                clean1 = torch.stack([to_square(decode_image(x, i)[None], policy.resolution)[0]
-                                      for x, i in zip(rows["jpg_1"], rows.index)])
+                where = [row_origin(row, i) for i, row in rows.iterrows()]
+                clean0 = torch.stack([to_square(decode_image(x, w)[None], policy.resolution)[0]
+                                      for x, w in zip(rows["jpg_0"], where)])
+                clean1 = torch.stack([to_square(decode_image(x, w)[None], policy.resolution)[0]
+                                      for x, w in zip(rows["jpg_1"], where)])
                 caps = [str(c) for c in rows["caption"]]
                 est0, est1 = estimate_x0_images(policy, clean0, clean1, caps, t, noise, settings.guidance_scale)
                 if settings.clean_at_zero:
