@@ -387,3 +387,17 @@ def test_9_metrics_json_has_no_bare_nan_and_weights_are_world_readable(tmp_path,
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_6_the_prefect_server_down_points_at_services_sh(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "flows.spo", "--target", "prompts", "--repo", str(ROOT)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "the Prefect server (http://127.0.0.1:9/api) is unreachable" in _one_line(res.stderr)
+    assert "scripts/services.sh start" in res.stderr
+
+
+def test_loading_a_model_prints_no_empty_float32_warning(capfd):
+    load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16, dtype="bfloat16"))
+    assert "should be kept in float32: []" not in capfd.readouterr().err

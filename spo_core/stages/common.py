@@ -107,7 +107,7 @@ def skip_stage(stage: str, cfg: BaseModel) -> dict[str, Any]:
     with atomic_dir(out) as tmp:
         (tmp / SKIPPED_MARKER).write_text(f"stage '{stage}' is disabled by the active profile (enabled: false)\n")
     metrics = {"skipped": 1}
-    write_metrics(stage, metrics)
+    write_json(metrics_dir(cfg) / f"{stage}.json", metrics)
     log.info("stage %s is disabled by the profile: wrote %s", stage, out / SKIPPED_MARKER)
     return metrics
 
@@ -158,7 +158,11 @@ def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]])
     if not is_main_process():
         return dict(run_fn(cfg) or {})
     root, mdir = output_root(cfg), metrics_dir(cfg)
-    for folder in ([root.parent] if root is not None else []) + [mdir]:
+    folders = [mdir]
+    if root is not None:
+        # Stages replace their folder from beside it; trainers also write checkpoints inside it.
+        folders += [root.parent, *([root] if root.is_dir() else [])]
+    for folder in folders:
         _check_writable(folder)
     token = _METRICS_DIR.set(mdir)
     try:

@@ -7,8 +7,9 @@
 
 Sampling is the evaluation protocol (DDIM, eta 1, CFG 5, 20 steps by default) with the same seeds:
 image j of prompt p uses seed + p * num_images + j, so ``spo generate`` with the same settings
-reproduces the images ``evaluate`` scored. Writes one PNG per image
-(``<prompt>_<image>_seed<seed>.png``) and ``manifest.json`` describing every file.
+reproduces the images ``evaluate`` scored. Writes one PNG per image, named by prompt index, image
+index and seed (``00003_01_seed7.png``), and ``manifest.json`` giving each file's prompt; all files
+appear in --out together when the run succeeds (nothing is left there by a failed run).
 """
 
 from __future__ import annotations
