@@ -401,3 +401,21 @@ def test_6_the_prefect_server_down_points_at_services_sh(tmp_path):
 def test_loading_a_model_prints_no_empty_float32_warning(capfd):
     load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16, dtype="bfloat16"))
     assert "should be kept in float32: []" not in capfd.readouterr().err
+
+
+def test_sigterm_stops_cleanly_with_exit_130(tmp_path):
+    # A stage stopped by SIGTERM (a scheduler's preemption, Prefect's cancel) unwinds like Ctrl-C: the
+    # transaction discards the unfinished outputs and the MLflow run ends KILLED; exit status 130.
+    code = ("import sys, time\n"
+            "from spo_core.runner import run_entrypoint\n"
+            "def body():\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(120)\n"
+            "sys.exit(run_entrypoint(body))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: stopped by signal SIGTERM" in _one_line(err)
