@@ -11,12 +11,20 @@ import contextlib
 import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "spo"
+# MLflow 3 opens an experiment in its model-training view only when told so (else: GenAI traces).
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": ("SPO pipeline runs: one run per DVC stage, nested under the pipeline (Prefect flow) "
+                            "or ablation run that started it. The headline result is the description of each "
+                            "`evaluate` run; trained LoRAs are registered models."),
+}
 
 
 # An unreachable tracking server fails within about a minute instead of MLflow's ~4 minutes of
@@ -41,12 +49,28 @@ def setup_mlflow(experiment: str | None = None):
     # Always set it: a URI set earlier in this process would otherwise beat the environment.
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
     name = experiment or os.environ.get("SPO_EXPERIMENT", DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
         # Keep artifacts beside the database so that mlruns/ is self-contained.
         art = Path(os.environ.get("SPO_MLRUNS_DIR", "mlruns")).resolve() / "artifacts"
-        mlflow.create_experiment(name, artifact_location=art.as_uri())
+        mlflow.create_experiment(name, artifact_location=art.as_uri(), tags=EXPERIMENT_TAGS)
+    elif any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for k, v in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
     mlflow.set_experiment(name)
     return mlflow
+
+
+def run_label() -> str:
+    """What tells runs of one stage apart: the DVC experiment, the ablation variant, the flow run."""
+    parts = [f"exp {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "",
+             os.environ.get("SPO_RUN_LABEL", "")]
+    return ", ".join(p for p in parts if p)
+
+
+def run_name(stage: str) -> str:
+    label = run_label()
+    return f"{stage} [{label}]" if label else stage
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,7 +102,11 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
     run_tags = {"stage": stage, "host": socket.gethostname(), "pid": str(os.getpid()), **(tags or {})}
     if parent:
         run_tags["mlflow.parentRunId"] = parent
-    run = mlflow.start_run(run_name=stage, tags=run_tags, nested=mlflow.active_run() is not None)
+    for key, env in (("dvc.experiment", "DVC_EXP_NAME"), ("label", "SPO_RUN_LABEL"), ("prefect.flow_run", "SPO_FLOW_RUN")):
+        if os.environ.get(env):
+            run_tags[key] = os.environ[env]
+    run = mlflow.start_run(run_name=run_name(stage), tags=run_tags, nested=mlflow.active_run() is not None,
+                           log_system_metrics=os.environ.get("SPO_SYSTEM_METRICS", "1") != "0")
     try:
         if params:
             flat = {k: str(v)[:500] for k, v in flatten(params).items()}
@@ -162,6 +190,61 @@ def log_table(df, name: str) -> None:
     except ImportError:
         md = df.to_string(index=False)
     mlflow.log_text(md, f"{name}.md")
+
+
+def _active():
+    if os.environ.get("SPO_DISABLE_MLFLOW") == "1":
+        return None
+    import mlflow
+
+    return mlflow if mlflow.active_run() is not None else None
+
+
+def set_description(text: str) -> None:
+    """The run's description in the MLflow UI (markdown)."""
+    if (mlflow := _active()) is not None:
+        mlflow.set_tag("mlflow.note.content", text[:5000])
+
+
+def log_dict(obj: Any, name: str) -> None:
+    if (mlflow := _active()) is not None:
+        mlflow.log_dict(obj, name)
+
+
+def log_image_at(image, key: str, step: int) -> None:
+    """An image per step (a round): MLflow's image slider."""
+    if (mlflow := _active()) is not None:
+        mlflow.log_image(image, key=key, step=int(step))
+
+
+def log_dataset(df, source: str, name: str, context: str) -> None:
+    """Record a dataset (e.g. the prompts) as an input of the run, with its source and digest."""
+    if (mlflow := _active()) is not None:
+        import mlflow.data
+
+        src = str(Path(source).resolve()) if Path(source).exists() else None  # else: this code is the source
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source type twice and warns that a path matches both.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(df, source=src, name=name)
+        mlflow.log_input(dataset, context=context)
+
+
+def register_lora(lora_dir: str | Path, name: str, params: dict[str, Any], tags: dict[str, str]) -> Any:
+    """Log a LoRA folder as an MLflow logged model of this run and register a new version of ``name``.
+
+    ``tags`` carry the lineage (base model, data); the version links back to the run.
+    """
+    if (mlflow := _active()) is None:
+        return None
+    run_id = mlflow.active_run().info.run_id
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id, model_type="lora",
+                                           params={k: str(v)[:500] for k, v in params.items()}, tags=tags)
+    mlflow.MlflowClient().log_model_artifacts(model.model_id, str(lora_dir))
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+    log.info("LoRA registered in MLflow as %s version %s", name, version.version)
+    return version
 
 
 def log_image(image, name: str) -> None:

@@ -48,7 +48,7 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
         m = json.loads((repo / "metrics" / f"{s}.json").read_text())
         assert m["wall_time_s"] > 0, s
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
-    for key in ("base/toy_reward/mean", "spo/toy_reward/mean", "spo/toy_reward/winrate_vs_base", "spo/toy_reward/ci_low"):
+    for key in ("base/toy_reward/mean", "spo/toy_reward/mean", "spo/toy_reward/winrate_vs_base", "spo/toy_reward/diff_ci_low"):
         assert key in ev
     assert (repo / "artifacts/spo/lora/pytorch_lora_weights.safetensors").exists()
     history = json.loads((repo / "artifacts/spo/history.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -118,3 +119,29 @@ def test_disabled_tracking_yields_none_and_writes_nothing(tmp_path, monkeypatch)
         tracking.log_metrics({"m": 1.0})
         tracking.log_table(pd.DataFrame({"a": [1]}), "t")
     assert run is None and not (tmp_path / "mlruns").exists()
+
+
+def test_a_training_run_records_images_config_history_data_and_a_registered_lora(mlflow_store, tmp_path, monkeypatch):
+    from spo_core.config import load_spo_config
+    from spo_core.stages import train_spo
+    from spo_core.stages.common import execute
+
+    monkeypatch.setenv("SPO_METRICS_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("SPO_RUN_LABEL", "variant k2")
+    cfg = load_spo_config("tiny", ["train.rounds=2", "train.prompts_per_round=2", "sampler.num_steps=4",
+                                   f"train.output_dir={tmp_path / 'spo'}", "monitor.scorer={name: brightness}",
+                                   "monitor.prompts={source: list, prompts: [a cat, a dog]}", "monitor.every=1"])
+    execute("train_spo", cfg, train_spo.run)
+    client = mlflow_store.MlflowClient()
+    exp = mlflow_store.get_experiment_by_name(os.environ["SPO_EXPERIMENT"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the training view
+    run = client.search_runs([exp.experiment_id])[0]
+    assert run.info.run_name == "train_spo [variant k2]" and run.info.status == "FINISHED"
+    assert "log 2 = 0.693" in run.data.tags["mlflow.note.content"]
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "history.json", "lora", "images"} <= files
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len([p for p in images if p.startswith("images/monitor_samples") and p.endswith(".png")]) >= 3  # rounds -1, 0, 1
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train_prompts"]
+    version = client.get_model_version("spo-lora", "1")
+    assert version.run_id == run.info.run_id and version.tags["base_model"] == "tiny:sd15"

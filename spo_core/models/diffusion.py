@@ -24,17 +24,6 @@ from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
-
-class _EmptyFp32ListFilter(logging.Filter):
-    """diffusers' ``ModelMixin.to(dtype)`` warns "should be kept in float32: []" even when no module
-    is: an empty list is nothing a user can act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
-
-
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
-
 DDIM_OVERRIDES = dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import contextvars
 import fcntl
+import fnmatch
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from .. import tracking
 from ..config import load_section
 from ..errors import InputError
 from ..runner import run_entrypoint
-from ..utils import atomic_dir, atomic_file, deferred_commits
+from ..utils import atomic_dir, atomic_file, deferred_commits, staged
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,24 @@ def output_lock(root: Path) -> Iterator[None]:
         fh.close()  # releases the lock
 
 
-def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+DETAILS_FILE = "metrics.json"
+
+
+def headline_of(metrics: dict[str, Any], patterns: list[str] | None) -> dict[str, Any]:
+    """The metrics whose names match one of ``patterns`` (fnmatch), plus the wall time; all if None."""
+    if patterns is None:
+        return metrics
+    keep = [*patterns, "wall_time_s"]
+    return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in keep)}
+
+
+def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]],
+            headline: list[str] | None = None) -> dict[str, Any]:
     """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``<metrics dir>/<stage>.json``.
+
+    ``headline``: name patterns of the metrics that go to ``<metrics dir>/<stage>.json`` (what
+    ``dvc metrics show`` prints); every metric goes to MLflow and to ``metrics.json`` in the
+    stage's output folder.
 
     Outputs, metrics and the MLflow record are committed together: the stage's output folder (or
     the files directly in it) and its metrics files are renamed into place only after the stage and
@@ -174,7 +191,9 @@ def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]])
             metrics = dict(run_fn(cfg) or {})
             metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
             tracking.log_metrics(metrics)
-            path = write_metrics(stage, metrics)
+            if root is not None and headline is not None:
+                write_json(staged(root) / DETAILS_FILE, metrics)
+            path = write_metrics(stage, headline_of(metrics, headline))
             tx.commit()
     finally:
         _METRICS_DIR.reset(token)
@@ -199,7 +218,7 @@ def stage_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
 
 
 def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dict[str, Any]],
-               argv: list[str] | None = None) -> int:
+               argv: list[str] | None = None, headline: list[str] | None = None) -> int:
     """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``)."""
     parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None))
     if cfg_cls is not None and "train" in getattr(cfg_cls, "model_fields", {}):
@@ -211,7 +230,7 @@ def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dic
 
     def body() -> int:
         cfg = load_stage_config(stage, cfg_cls, args.params, overrides)
-        execute(stage, cfg, run_fn)
+        execute(stage, cfg, run_fn, headline)
         return 0
 
     return run_entrypoint(body)

@@ -38,6 +38,8 @@ from .common import stage_main
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
+# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
+HEADLINE = ["*/*/mean", "*/*/diff_vs_base", "*/*/diff_ci_low", "*/*/diff_ci_high", "*/*/winrate_vs_base", "num_prompts"]
 
 
 class EvaluateConfig(Strict):
@@ -137,7 +139,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, EvaluateConfig, run, argv)
+    return stage_main(STAGE, EvaluateConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from .common import stage_main
 from .toy_prefs import TRAIN_FILE, VALIDATION_FILE
 
 STAGE = "toy_pickscore"
+# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
+HEADLINE = ["train_accuracy", "validation_accuracy", "validation_clip_only_accuracy", "validation_reward_order_agreement"]
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ def run(cfg: ToyPickScoreConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, ToyPickScoreConfig, run, argv)
+    return stage_main(STAGE, ToyPickScoreConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from ..utils import atomic_dir
 from .common import stage_main
 
 STAGE = "toy_prefs"
+# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
+HEADLINE = ["train_pairs", "validation_pairs", "validation_label_reward_agreement", "validation_tie_share"]
 TRAIN_FILE = "train.parquet"
 VALIDATION_FILE = "validation.parquet"
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def run(cfg: ToyPrefsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, ToyPrefsConfig, run, argv)
+    return stage_main(STAGE, ToyPrefsConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from ..utils import atomic_dir, staged
 from .common import stage_main
 
 STAGE = "toy_pretrain"
+# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
+HEADLINE = ["final_loss", "steps", "validation_base_reward", "validation_renderer_reward", "validation_base_alignment", "validation_base_quality"]
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def run(cfg: ToyPretrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, ToyPretrainConfig, run, argv)
+    return stage_main(STAGE, ToyPretrainConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

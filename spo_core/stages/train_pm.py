@@ -12,6 +12,8 @@ from ..preference.train import run_train_pm
 from .common import stage_main
 
 STAGE = "train_pm"
+# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
+HEADLINE = ["acc/*", "train_pairs"]
 
 
 def run(cfg: TrainPMConfig) -> dict:
@@ -19,7 +21,7 @@ def run(cfg: TrainPMConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, TrainPMConfig, run, argv)
+    return stage_main(STAGE, TrainPMConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ..models.diffusion import DiffusionPolicy, load_policy
 from ..sampling import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, make_accelerator, train_rounds
+from ..reporting import image_grid
 from ..utils import seed_everything, staged
 from .common import is_main_process, metrics_path, write_json
 
@@ -24,6 +25,41 @@ log = logging.getLogger(__name__)
 
 def prompts_from(cfg: PromptsConfig) -> list[str]:
     return load_prompts(**cfg.model_dump())
+
+
+def curve_rows(history: list[dict]) -> list[dict]:
+    """Per-round numbers for DVC plots: the keys every round has (DVC drops a file whose rows differ);
+    the monitored reward, present only in monitored rounds, has its own file."""
+    rows = [{k: v for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for h in history]
+    shared = set.intersection(*(set(r) for r in rows)) if rows else set()
+    return [{k: v for k, v in r.items() if k in shared} for r in rows]
+
+
+LOSS_NOTE = (
+    "How to read the loss: SPO's DPO loss is -log sigmoid(beta * margin), and the margin is tiny while the "
+    "LoRA stays close to the reference, so the loss sits near log 2 = 0.693 for the whole run; that is "
+    "expected. Watch the monitored reward (`monitor_*`, and the `monitor_samples` images), `score_gap` and "
+    "`keep_fraction` instead; `ratio_w` / `ratio_l` show how far the policy has moved."
+)
+
+
+def _record_lineage(stage: str, cfg: TrainerBaseConfig, lora_dir, prompts: list[str] | None) -> None:
+    """Prompts as a dataset input, the LoRA as a registered model with its base model and data."""
+    import pandas as pd
+
+    tracking.set_description(f"{stage}: LoRA on {cfg.model.pretrained}. {LOSS_NOTE}")
+    source = None
+    if prompts is not None:
+        source = cfg.prompts.path or cfg.prompts.source
+        tracking.log_dataset(pd.DataFrame({"prompt": prompts}), source=str(source), name="train_prompts",
+                             context="training")
+    scorer = getattr(cfg, "scorer", None)
+    tags = {"base_model": cfg.model.pretrained, "model_kind": cfg.model.kind, "stage": stage,
+            "prompts": str(source) if source else "offline preference pairs",
+            "scorer": f"{scorer.name}:{scorer.path}" if scorer is not None else "none"}
+    tracking.register_lora(lora_dir, f"{stage.removeprefix('train_').replace('_', '-')}-lora",
+                           {"rank": cfg.lora.rank, "alpha": cfg.lora.lora_alpha, "rounds": cfg.train.rounds,
+                            "lr": cfg.optim.lr, "seed": cfg.train.seed}, tags)
 
 
 def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, device):
@@ -38,6 +74,10 @@ def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, devi
         if not force and round_idx % mon.every != mon.every - 1:
             return {}
         imgs = sample_images(policy, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale)
+        # The same prompts and seeds every time: MLflow's image slider shows what training changed.
+        scale = max(1, 128 // max(imgs.shape[-1], 1))
+        tracking.log_image_at(image_grid(imgs.float().clamp(0, 1).cpu()[None], None, prompts, scale=scale),
+                              "monitor_samples", round_idx)
         return {f"monitor_{scorer.name}": float(scorer.score(imgs, prompts).float().mean())}
 
     return callback
@@ -61,8 +101,7 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
                        accelerator=acc, run_config=cfg.model_dump(mode="json"))
     hist = res["history"]
     if is_main_process():
-        curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in hist]
-        write_json(metrics_path(f"{stage}_curve"), curve, indent=1)
+        write_json(metrics_path(f"{stage}_curve"), curve_rows(hist), indent=1)
         # The monitored reward has its own plot file: DVC plots need the field in every row.
         monitored = [{"round": -1, **start}] if start else []
         monitored += [{"round": h["round"], **{k: v for k, v in h.items() if k.startswith("monitor_")}}
@@ -70,6 +109,9 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
         if monitored:
             write_json(metrics_path(f"{stage}_monitor"), monitored, indent=1)
         tracking.log_artifact(staged(res["lora_dir"]), "lora")
+        tracking.log_dict(cfg.model_dump(mode="json"), "config.json")
+        tracking.log_dict(hist, "history.json")
+        _record_lineage(stage, cfg, staged(res["lora_dir"]), None if offline else prompts_from(cfg.prompts))
     last = hist[-1] if hist else {}
     out = {
         "rounds": len(hist),
