@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -84,12 +86,15 @@ def run_dvc_stage(stage: str, root: str | os.PathLike, force: bool = False,
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
     tails = {"stdout": collections.deque(maxlen=TAIL_LINES), "stderr": collections.deque(maxlen=TAIL_LINES)}
+    ran = []  # DVC says "Running stage 'X'" when it does not skip the stage
 
     def pump(name: str, stream) -> None:
         for line in stream:
             line = line.rstrip()
             if line:
                 tails[name].append(line)
+                if line.startswith("Running stage '"):
+                    ran.append(line)
                 logger.info("[%s] %s", stage, line)
 
     readers = [threading.Thread(target=pump, args=(n, getattr(proc, n)), daemon=True) for n in tails]
@@ -107,8 +112,9 @@ def run_dvc_stage(stage: str, root: str | os.PathLike, force: bool = False,
     seconds = round(time.perf_counter() - t0, 2)
     if rc != 0:
         raise StageFailed(stage, rc, "\n".join(tails["stderr"]) or "\n".join(tails["stdout"]))
-    logger.info("stage %s done in %.1f s", stage, seconds)
-    return {"stage": stage, "seconds": seconds}
+    ran = bool(ran)
+    logger.info("stage %s %s in %.1f s", stage, "done" if ran else "up to date", seconds)
+    return {"stage": stage, "seconds": seconds, "ran": ran}
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -166,17 +172,69 @@ def spo(target: str | None = None, force: bool = False, params: str | None = Non
     logger.info("stages in DVC order: %s", ", ".join(order) or "(none)")
     results: dict[str, dict[str, Any]] = {}
     meta = {"target": target or "all", "force": force, "params": params or "params.yaml", "stages": ",".join(order)}
-    with tracking.stage_run("pipeline", params=meta) as run:
-        env = {}
-        if run is not None:
-            import mlflow
-
-            # Stage processes log to this store under this run, whatever their working directory.
-            env = {"SPO_PARENT_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-            logger.info("MLflow parent run %s in %s", run.info.run_id, env["MLFLOW_TRACKING_URI"])
+    with _parent_run("pipeline", meta, root) as ctx:
         for st in order:
-            results[st] = _stage_task(st, gpu_stages)(st, str(root), force, env)
+            results[st] = _stage_task(st, gpu_stages)(st, str(root), force, ctx["env"])
+        ctx["empty"] = _summarise(results, root)
     return results
+
+
+@contextlib.contextmanager
+def _parent_run(name: str, meta: dict[str, Any], root: Path):
+    """The MLflow run the stage runs nest under, named after the Prefect flow run.
+
+    Yields ``{"env": <the stages' environment>}``; set ``"empty": True`` to delete the run at the end.
+    """
+    flow_run = _flow_run_name()
+    label = {"SPO_RUN_LABEL": f"flow {flow_run}", "SPO_FLOW_RUN": flow_run} if flow_run else {}
+    saved = {k: os.environ.get(k) for k in label}
+    os.environ.update(label)
+    ctx: dict[str, Any] = {"env": dict(label), "empty": False}
+    try:
+        with tracking.stage_run(name, params=meta) as run:
+            if run is not None:
+                import mlflow
+
+                # Stage processes log to this store under this run, whatever their working directory.
+                ctx["env"].update(SPO_PARENT_RUN_ID=run.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+                _logger().info("MLflow parent run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
+            yield ctx
+        if run is not None and ctx["empty"]:
+            _logger().info("every stage was up to date: no pipeline run recorded")
+            mlflow.MlflowClient().delete_run(run.info.run_id)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _flow_run_name() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.name
+    except Exception:  # noqa: BLE001 - outside a flow run there is no name
+        return None
+
+
+def _summarise(results: dict[str, dict[str, Any]], root: Path) -> bool:
+    """Describe the pipeline run (the evaluation table and its headline metrics when evaluate ran);
+    True when no stage ran, so that the run, which recorded nothing, is deleted."""
+    import mlflow
+
+    ran = [s for s, r in results.items() if r.get("ran")]
+    if os.environ.get("SPO_DISABLE_MLFLOW") == "1" or mlflow.active_run() is None or not ran:
+        return not ran
+    mlflow.set_tag("stages_run", ",".join(ran))
+    table = root / "artifacts" / "evaluate" / "table.md"
+    if "evaluate" in ran and table.is_file():
+        tracking.set_description(table.read_text())
+        headline = root / "metrics" / "evaluate.json"
+        if headline.is_file():
+            tracking.log_metrics(json.loads(headline.read_text()))
+    return False
 
 
 @flow(name="stage")
@@ -185,7 +243,10 @@ def stage(stage: str, force: bool = False, repo: str | None = None,
     """Run one stage (``dvc repro --single-item``): its inputs must already be up to date."""
     root = _repo_root(repo)
     addressed = stage_order(root, stage)[-1]  # validates the name against dvc.yaml
-    return _stage_task(addressed, gpu_stages)(addressed, str(root), force)
+    with _parent_run(f"single {addressed}", {"stage": addressed, "force": force}, root) as ctx:
+        result = _stage_task(addressed, gpu_stages)(addressed, str(root), force, ctx["env"])
+        ctx["empty"] = _summarise({addressed: result}, root)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

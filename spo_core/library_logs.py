@@ -1,12 +1,14 @@
 """Library log records that tell a user nothing they can act on, dropped at their source logger.
 
-Installed when ``spo_core`` is imported. Everything else from diffusers, transformers and MLflow
-passes through ``logging`` unchanged.
+Installed when ``spo_core`` is imported, with sparse progress bars when not on a terminal.
+Everything else from diffusers, transformers and MLflow passes through ``logging`` unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 # source logger -> message fragments to drop
 DROPPED = {
@@ -29,6 +31,10 @@ class _Drop(logging.Filter):
 
 
 def install() -> None:
+    # Outside a terminal (dvc repro's log, CI, Prefect) a progress bar redraws at most every 30 s
+    # instead of ten times a second. tqdm reads TQDM_* when it is imported, which is after this.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     for name, fragments in DROPPED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):

@@ -171,12 +171,18 @@ def test_spo_flow_runs_the_micro_pipeline_in_dvc_order(prefect_api, tracked, tmp
     assert json.loads((repo / "metrics/train_spo.json").read_text())["rounds"] == 1
     assert (repo / "artifacts/spo/lora").is_dir() and "train_spo" in (repo / "dvc.lock").read_text()
     runs = tracked()
-    parent = runs[runs["tags.mlflow.runName"] == "pipeline"]
+    parent = runs[runs["tags.stage"] == "pipeline"]
     assert len(parent) == 1 and parent["status"].item() == "FINISHED"
     assert parent["params.stages"].item() == "prompts,train_spo"
+    flow_run = parent["tags.prefect.flow_run"].item()
+    assert flow_run and parent["tags.mlflow.runName"].item() == f"pipeline [flow {flow_run}]"
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].item()]
-    assert children["tags.mlflow.runName"].tolist() == ["prompts", "train_spo"]  # by start time
+    assert children["tags.stage"].tolist() == ["prompts", "train_spo"]  # by start time
+    assert children["tags.mlflow.runName"].tolist() == [f"prompts [flow {flow_run}]", f"train_spo [flow {flow_run}]"]
     assert (children["status"] == "FINISHED").all() and children["metrics.rounds"].iloc[1] == 1
+    # Nothing to do: every stage is up to date, and no empty pipeline run is left behind.
+    assert not any(r["ran"] for r in spo(repo=str(repo)).values())
+    assert len(tracked()) == len(runs)
     tags = _task_runs(["prompts", "train_spo"])
     assert "gpu" in tags["train_spo"] and "gpu" not in tags["prompts"]
 
@@ -200,7 +206,7 @@ def test_spo_flow_retries_a_lock_failure_and_fails_with_the_stage_stderr(prefect
     assert (repo / "attempts").read_text() == "xx"  # the lock failure was retried once
     assert (repo / "tries").read_text() == "x"  # a real failure is not retried
     assert not (repo / "three.txt").exists()  # nothing after the failed stage ran
-    parent = tracked().set_index("tags.mlflow.runName").loc["pipeline"]
+    parent = tracked().set_index("tags.stage").loc["pipeline"]
     assert parent["status"] == "FAILED" and parent["params.stages"] == "one,two,three"
 
 

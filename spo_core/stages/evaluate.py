@@ -124,6 +124,7 @@ def run(cfg: EvaluateConfig) -> dict:
     files = [staged(out_dir) / p.relative_to(tmp) for p in written.values()]  # in place once the stage commits
     log.info("evaluation for %s\n%s", out_dir, table)
 
+    tracking.set_description(table)  # the headline result, on the run's page
     tracking.log_table(summary, f"{STAGE}/summary")
     if not comparisons.empty:
         tracking.log_table(comparisons, f"{STAGE}/winrates")
