@@ -57,6 +57,14 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
     monitored = json.loads((repo / "metrics/train_spo_monitor.json").read_text())
     assert monitored[0]["round"] == -1 and all("monitor_toy_reward" in m for m in monitored)
     assert "stages:" not in (repo / "dvc.lock").read_text() or "train_spo" in (repo / "dvc.lock").read_text()
+    # DVC draws every training curve (rows of a plot file share their keys), one definition per figure.
+    plots = json.loads(_sh(["dvc", "plots", "show", "--json"], repo, env))
+    assert not plots.get("errors"), plots.get("errors")
+    assert set(plots["data"]) == {"train_spo_loss", "train_spo_preference", "train_spo_keep_fraction", "train_spo_monitor"}
+    assert all(plots["data"].values())
+    # `dvc metrics show` prints headline metrics; the details sit in each output's metrics.json.
+    assert len(json.loads((repo / "metrics/evaluate.json").read_text())) < 30
+    assert "spo/toy_reward/ci_low" in json.loads((repo / "artifacts/evaluate/metrics.json").read_text())
     # Nothing to do on a second repro: every stage is cached.
     out = _sh(["dvc", "status"], repo, env)
     assert "changed" not in out

@@ -221,7 +221,8 @@ def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dic
                argv: list[str] | None = None, headline: list[str] | None = None) -> int:
     """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``)."""
     parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None))
-    if cfg_cls is not None and "train" in getattr(cfg_cls, "model_fields", {}):
+    train_field = getattr(cfg_cls, "model_fields", {}).get("train")
+    if train_field is not None and "resume" in getattr(train_field.annotation, "model_fields", {}):  # the trainers
         parser.add_argument("--resume", action="store_true",
                             help="continue from the last checkpoint in train.output_dir/checkpoints (same as "
                                  "--set train.resume=true); the configuration must match it except the keys it lists")
