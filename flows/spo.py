@@ -191,7 +191,7 @@ def _parent_run(name: str, meta: dict[str, Any], root: Path):
     os.environ.update(label)
     ctx: dict[str, Any] = {"env": dict(label), "empty": False}
     try:
-        with tracking.stage_run(name, params=meta) as run:
+        with tracking.stage_run(name, params=meta, system_metrics=False) as run:  # its stages have their own
             if run is not None:
                 import mlflow
 

@@ -385,7 +385,8 @@ def run_variant(spec: AblationSpec, variant: str, parent_run_id: str | None = No
         tags["run_dir"] = shared.as_posix()
     row: dict[str, float] = {}
     with tracking.stage_run(variant, params={"overrides": spec.overrides(variant)},
-                            nested_parent=parent_run_id, tags=tags) as run:
+                            nested_parent=parent_run_id, tags=tags,
+                            system_metrics=False) as run:
         with _scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None):
             for i, (stage, cfg, run_fn) in enumerate(plan):
                 if i == 0 and reused:
@@ -428,7 +429,7 @@ def run_compare(spec: AblationSpec, variants: list[str], parent_run_id: str | No
 
     stage, cfg, run_fn = compare_plan(spec, variants)
     with tracking.stage_run("compare", params={"variants": " ".join(variants)}, nested_parent=parent_run_id,
-                            tags={"stage": "ablation_compare", "ablation": spec.table}) as run:
+                            tags={"stage": "ablation_compare", "ablation": spec.table}, system_metrics=False) as run:
         with _scoped_env(SPO_METRICS_DIR=str(table_dir(spec) / "metrics"),
                          SPO_PARENT_RUN_ID=run.info.run_id if run else None):
             return execute(stage, cfg, run_fn)
@@ -518,7 +519,8 @@ def run_ablation(spec: AblationSpec, map_variants: MapVariants = run_sequential,
     if spec.compare is not None:
         compare_md = Path(compare_plan(spec, names)[1].output_dir) / "table.md"
     tags = {"stage": "ablation", "ablation": spec.table}
-    with tracking.stage_run(f"ablation-{spec.table}", params=spec.model_dump(mode="json"), tags=tags) as run:
+    with tracking.stage_run(f"ablation-{spec.table}", params=spec.model_dump(mode="json"), tags=tags,
+                            system_metrics=False) as run:
         parent = run.info.run_id if run else None
         rows = map_variants(spec, names, parent)
         sections: list[str] = []

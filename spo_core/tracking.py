@@ -88,7 +88,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict | None = None, nested_parent: str | None = None,
-              tags: dict | None = None) -> Iterator[Any]:
+              tags: dict | None = None, system_metrics: bool = True) -> Iterator[Any]:
     """Open an MLflow run for a stage; it is marked FAILED if the block raises.
 
     Set ``SPO_DISABLE_MLFLOW=1`` to run without tracking (yields None).
@@ -106,7 +106,7 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
         if os.environ.get(env):
             run_tags[key] = os.environ[env]
     run = mlflow.start_run(run_name=run_name(stage), tags=run_tags, nested=mlflow.active_run() is not None,
-                           log_system_metrics=os.environ.get("SPO_SYSTEM_METRICS", "1") != "0")
+                           log_system_metrics=system_metrics and os.environ.get("SPO_SYSTEM_METRICS", "1") != "0")
     try:
         if params:
             flat = {k: str(v)[:500] for k, v in flatten(params).items()}
