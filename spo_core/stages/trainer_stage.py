@@ -62,6 +62,18 @@ def _record_lineage(stage: str, cfg: TrainerBaseConfig, lora_dir, prompts: list[
                             "lr": cfg.optim.lr, "seed": cfg.train.seed}, tags)
 
 
+def sample_sheet(images, prompts: list[str], cols: int = 8):
+    """Monitor samples as a grid of ``cols`` columns (prompts as labels while there is one row)."""
+    import torch
+
+    imgs = images.float().clamp(0, 1).cpu()
+    n, cols = imgs.shape[0], min(cols, imgs.shape[0])
+    rows = -(-n // cols)
+    pad = torch.ones(rows * cols - n, *imgs.shape[1:])
+    grid = torch.cat([imgs, pad]).view(rows, cols, *imgs.shape[1:])
+    return image_grid(grid, None, prompts if rows == 1 else None, scale=max(1, 128 // max(imgs.shape[-1], 1)))
+
+
 def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, device):
     """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured)."""
     if mon.scorer is None or mon.prompts is None:
@@ -75,9 +87,7 @@ def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, devi
             return {}
         imgs = sample_images(policy, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale)
         # The same prompts and seeds every time: MLflow's image slider shows what training changed.
-        scale = max(1, 128 // max(imgs.shape[-1], 1))
-        tracking.log_image_at(image_grid(imgs.float().clamp(0, 1).cpu()[None], None, prompts, scale=scale),
-                              "monitor_samples", round_idx)
+        tracking.log_image_at(sample_sheet(imgs, prompts), "monitor_samples", round_idx)
         return {f"monitor_{scorer.name}": float(scorer.score(imgs, prompts).float().mean())}
 
     return callback
