@@ -6,9 +6,9 @@
 Writes ``reports/img/mlflow_ablation_compare.png`` (MLflow's run comparison of an ablation
 table's variant runs) and ``reports/img/mlflow_samples.png`` (a training run's per-round sample
 grid). It starts a temporary MLflow server on 127.0.0.1 (stopped at the end) and needs
-Debian's Chromium and Playwright to drive it: ``apt-get install chromium`` and
-``pip install -e ".[screenshots]"`` (Playwright; no browser download: it uses /usr/bin/chromium). Anyone can rerun
-it; the pictures depend only on the store.
+Debian's Chromium, driven by Playwright: ``apt-get install chromium`` and
+``pip install -e ".[screenshots]"`` (no browser download: Playwright uses /usr/bin/chromium).
+Anyone can rerun it; the pictures depend only on the store.
 """
 
 from __future__ import annotations

@@ -387,7 +387,8 @@ def run_variant(spec: AblationSpec, variant: str, parent_run_id: str | None = No
     with tracking.stage_run(variant, params={"overrides": spec.overrides(variant)},
                             nested_parent=parent_run_id, tags=tags,
                             system_metrics=False) as run:
-        with _scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None):
+        with _scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None,
+                         SPO_RUN_LABEL=f"{spec.table} {variant}"):  # stage runs named `train_spo [toy_k k2]`
             for i, (stage, cfg, run_fn) in enumerate(plan):
                 if i == 0 and reused:
                     log.info("ablation %s, variant %s: reusing the finished run %s", spec.table, variant, shared)

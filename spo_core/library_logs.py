@@ -19,6 +19,9 @@ DROPPED = {
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back",),
 }
 
+# Loggers whose INFO records only narrate (MLflow's system-metrics thread: 4 lines per run).
+QUIETED = ("mlflow.system_metrics.system_metrics_monitor",)
+
 
 class _Drop(logging.Filter):
     def __init__(self, fragments: tuple[str, ...]):
@@ -35,6 +38,8 @@ def install() -> None:
     # instead of ten times a second. tqdm reads TQDM_* when it is imported, which is after this.
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name, fragments in DROPPED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):
