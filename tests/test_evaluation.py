@@ -302,7 +302,8 @@ def test_stage_cli_writes_outputs(loras, tmp_path, monkeypatch):
     params.write_text(yaml.safe_dump({"evaluate": _stage_cfg({"zero": loras["zero"]}, out)}))
     assert stage.main(["--params", str(params), "--set", "save_images=true"]) == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["grid.png", "images", "scores.parquet", "summary.csv", "table.md", "winrates.csv"]
+    assert files == ["grid.png", "images", "metrics.json", "scores.parquet", "summary.csv", "table.md", "winrates.csv"]
+    assert "base/brightness/ci_low" in json.loads((out / "metrics.json").read_text())  # every figure, not only the headline
     assert sorted(p.name for p in (out / "images" / "zero").iterdir()) == [
         "00000_00_seed0.png", "00001_00_seed1.png", "00002_00_seed2.png"]
     scores = pd.read_parquet(out / "scores.parquet")
