@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
               Path(args.out) / "mlflow_ablation_compare.png", (1500, 2200))
         if trained:
             run = trained[0]
-            images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "images")
-                            if a.path.endswith(".png"))
+            def step(path: str) -> int:  # MLflow names them `<key>+step+<N>+timestamp+...`
+                return int(path.split("+step+")[1].split("+")[0])
+
+            images = sorted((a.path for a in client.list_artifacts(run.info.run_id, "images")
+                             if a.path.endswith(".png") and "+step+" in a.path), key=step)
             _shot(chromium, f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/{images[-1]}",
                   Path(args.out) / "mlflow_samples.png", (1500, 800))
         else:
