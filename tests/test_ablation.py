@@ -139,8 +139,9 @@ def test_sequential_ablation_on_a_real_stage(workdir, tracked):
     assert parent["status"] == "FINISHED" and pd.isna(parent["tags.mlflow.parentRunId"])
     variants = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert sorted(variants.index) == ["n1", "n3"] and variants.loc["n3", "metrics.prompts.num_train"] == 3
-    stage_runs = runs.loc["prompts"]
+    stage_runs = runs[runs["tags.stage"] == "prompts"]
     assert sorted(stage_runs["tags.mlflow.parentRunId"]) == sorted(variants["run_id"])
+    assert sorted(stage_runs.index) == ["prompts [n_train n1]", "prompts [n_train n3]"]  # which variant's stage
     import mlflow
 
     table = mlflow.load_table("n_train.json", run_ids=[parent["run_id"]])
@@ -188,7 +189,8 @@ def test_ablation_flow_runs_variants_as_parallel_tasks_on_the_tiny_profile(workd
     variants = runs[runs["tags.mlflow.parentRunId"] == parent_id]
     assert sorted(variants["tags.mlflow.runName"]) == ["k2", "k3"]
     stages = runs[runs["tags.mlflow.parentRunId"].isin(variants["run_id"])]
-    assert sorted(stages["tags.mlflow.runName"]) == ["evaluate", "evaluate", "train_spo", "train_spo"]
+    assert sorted(stages["tags.stage"]) == ["evaluate", "evaluate", "train_spo", "train_spo"]
+    assert sorted(stages["tags.mlflow.runName"])[:2] == ["evaluate [k_tiny k2]", "evaluate [k_tiny k3]"]
     assert (runs["status"] == "FINISHED").all()
 
 
