@@ -37,6 +37,7 @@ from spo_core.config import PROFILE_DIR, read_profile
 from spo_core.dvc_graph import is_gpu_stage, stage_order
 from spo_core.errors import SpoError
 from spo_core.runner import run_entrypoint
+from spo_core.utils import scoped_env
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def spo(target: str | None = None, force: bool = False, params: str | None = Non
     logger.info("stages in DVC order: %s", ", ".join(order) or "(none)")
     results: dict[str, dict[str, Any]] = {}
     meta = {"target": target or "all", "force": force, "params": params or "params.yaml", "stages": ",".join(order)}
-    with _parent_run("pipeline", meta, root) as ctx:
+    with _parent_run("pipeline", meta) as ctx:
         for st in order:
             results[st] = _stage_task(st, gpu_stages)(st, str(root), force, ctx["env"])
         ctx["empty"] = _summarise(results, root)
@@ -180,17 +181,15 @@ def spo(target: str | None = None, force: bool = False, params: str | None = Non
 
 
 @contextlib.contextmanager
-def _parent_run(name: str, meta: dict[str, Any], root: Path):
+def _parent_run(name: str, meta: dict[str, Any]):
     """The MLflow run the stage runs nest under, named after the Prefect flow run.
 
     Yields ``{"env": <the stages' environment>}``; set ``"empty": True`` to delete the run at the end.
     """
     flow_run = _flow_run_name()
     label = {"SPO_RUN_LABEL": f"flow {flow_run}", "SPO_FLOW_RUN": flow_run} if flow_run else {}
-    saved = {k: os.environ.get(k) for k in label}
-    os.environ.update(label)
     ctx: dict[str, Any] = {"env": dict(label), "empty": False}
-    try:
+    with scoped_env(**label):
         with tracking.stage_run(name, params=meta, system_metrics=False) as run:  # its stages have their own
             if run is not None:
                 import mlflow
@@ -202,12 +201,6 @@ def _parent_run(name: str, meta: dict[str, Any], root: Path):
         if run is not None and ctx["empty"]:
             _logger().info("every stage was up to date: no pipeline run recorded")
             mlflow.MlflowClient().delete_run(run.info.run_id)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _flow_run_name() -> str | None:
@@ -243,7 +236,7 @@ def stage(stage: str, force: bool = False, repo: str | None = None,
     """Run one stage (``dvc repro --single-item``): its inputs must already be up to date."""
     root = _repo_root(repo)
     addressed = stage_order(root, stage)[-1]  # validates the name against dvc.yaml
-    with _parent_run(f"single {addressed}", {"stage": addressed, "force": force}, root) as ctx:
+    with _parent_run(f"single {addressed}", {"stage": addressed, "force": force}) as ctx:
         result = _stage_task(addressed, gpu_stages)(addressed, str(root), force, ctx["env"])
         ctx["empty"] = _summarise({addressed: result}, root)
     return result

@@ -47,13 +47,12 @@ caller's choice: :func:`run_ablation` takes a ``map_variants`` function.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
 import os
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from . import tracking
 from .config import ConfigError, Strict, load_section, validate_section
 from .reporting import markdown_table, write_text_atomic
-from .utils import atomic_file
+from .utils import atomic_file, scoped_env
 
 log = logging.getLogger(__name__)
 
@@ -325,25 +324,6 @@ def run_dir(spec: AblationSpec, variant: str) -> Path:
 # Running
 
 
-@contextlib.contextmanager
-def _scoped_env(**values: str | None) -> Iterator[None]:
-    """Set (or with None, unset) environment variables for the block; restore them afterwards."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _uses_run(spec: AblationSpec) -> bool:
     texts = [*spec.train.set, *(spec.evaluate.set if spec.evaluate else []),
              *([spec.compare.lora, *spec.compare.set] if spec.compare else [])]
@@ -387,7 +367,7 @@ def run_variant(spec: AblationSpec, variant: str, parent_run_id: str | None = No
     with tracking.stage_run(variant, params={"overrides": spec.overrides(variant)},
                             nested_parent=parent_run_id, tags=tags,
                             system_metrics=False) as run:
-        with _scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None,
+        with scoped_env(SPO_METRICS_DIR=str(out / "metrics"), SPO_PARENT_RUN_ID=run.info.run_id if run else None,
                          SPO_RUN_LABEL=f"{spec.table} {variant}"):  # stage runs named `train_spo [toy_k k2]`
             for i, (stage, cfg, run_fn) in enumerate(plan):
                 if i == 0 and reused:
@@ -431,7 +411,7 @@ def run_compare(spec: AblationSpec, variants: list[str], parent_run_id: str | No
     stage, cfg, run_fn = compare_plan(spec, variants)
     with tracking.stage_run("compare", params={"variants": " ".join(variants)}, nested_parent=parent_run_id,
                             tags={"stage": "ablation_compare", "ablation": spec.table}, system_metrics=False) as run:
-        with _scoped_env(SPO_METRICS_DIR=str(table_dir(spec) / "metrics"),
+        with scoped_env(SPO_METRICS_DIR=str(table_dir(spec) / "metrics"),
                          SPO_PARENT_RUN_ID=run.info.run_id if run else None):
             return execute(stage, cfg, run_fn)
 

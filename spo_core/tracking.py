@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from .utils import process_alive
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "spo"
@@ -121,16 +123,6 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
         mlflow.end_run(status="FINISHED")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def close_orphans(mlflow, stage: str) -> int:
     """Mark KILLED the RUNNING runs of ``stage`` whose process (on this host) no longer exists.
 
@@ -145,7 +137,7 @@ def close_orphans(mlflow, stage: str) -> int:
     n = 0
     for r in stale:
         pid = int(r.data.tags.get("pid", "0") or 0)
-        if pid and pid != os.getpid() and not _alive(pid):
+        if pid and pid != os.getpid() and not process_alive(pid):
             mlflow.MlflowClient().set_terminated(r.info.run_id, status="KILLED")
             n += 1
     if n:
