@@ -27,7 +27,7 @@ from spo_core.data.pickapic import encode_image, write_preference_dataset
 from spo_core.methods.spo import SPOMethod
 from spo_core.models.diffusion import load_policy
 from spo_core.models.lora import attach_lora, save_lora
-from spo_core.preference.noisy_pairs import BuildSettings, NoisyPairsError, build_noisy_pairs, load_preference_source, train_plan
+from spo_core.preference.noisy_pairs import BuildSettings, NoisyPairsError, build_noisy_pairs, open_source, train_plan
 from spo_core.scorers.simple import BrightnessScorer
 from spo_core.stages import common
 from spo_core.stages.common import execute
@@ -167,6 +167,11 @@ def _bmp_pairs(n: int = 6) -> pd.DataFrame:
                          for i in range(n)])
 
 
+def _indexed(path):
+    src = open_source(str(path))
+    return src, src.index(digest=True).frame
+
+
 def test_5_noisy_pairs_see_changed_images_of_equal_length_and_name_a_bad_row(tmp_path):
     policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
     settings = BuildSettings(image_size=16, batch_size=3, shard_size=3, seed=0)
@@ -174,7 +179,7 @@ def test_5_noisy_pairs_see_changed_images_of_equal_length_and_name_a_bad_row(tmp
     src = tmp_path / "pairs.parquet"
     write_preference_dataset(frame, src)
     out = tmp_path / "noisy"
-    build_noisy_pairs(policy, load_preference_source(str(src)), out, train_plan(len(frame)), settings)
+    build_noisy_pairs(policy, *_indexed(src), out, train_plan(len(frame)), settings)
     shards = {p.name: p.read_bytes() for p in out.glob("shard-*")}
 
     changed = frame.copy()
@@ -183,18 +188,22 @@ def test_5_noisy_pairs_see_changed_images_of_equal_length_and_name_a_bad_row(tmp
     changed.at[4, "jpg_0"] = bytes(img)
     write_preference_dataset(changed, src)
     with pytest.raises(NoisyPairsError, match=r"built from other data: rows 0-5 differ\. Fix: if the data change is intended"):
-        build_noisy_pairs(policy, load_preference_source(str(src)), out, train_plan(len(frame)), settings)
+        build_noisy_pairs(policy, *_indexed(src), out, train_plan(len(frame)), settings)
 
     broken = frame.copy()
     broken.at[2, "jpg_1"] = b"\x00" * len(frame.at[2, "jpg_1"])  # undecodable, same length
     write_preference_dataset(broken, src)
     with pytest.raises(NoisyPairsError, match=rf"jpg_1 of file {src}, row 2 does not decode"):
-        build_noisy_pairs(policy, load_preference_source(str(src)), out, train_plan(len(frame)), settings)
+        build_noisy_pairs(policy, *_indexed(src), out, train_plan(len(frame)), settings)
     assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == shards  # good data kept
 
+    # A fresh build skips the undecodable row and counts it (a bad row never stops a long stage).
     fresh = tmp_path / "fresh"
-    with pytest.raises(_input_error(), match=rf"cannot decode image bytes \(file {src}, row 2\)"):
-        build_noisy_pairs(policy, load_preference_source(str(src)), fresh, train_plan(len(frame)), settings)
+    stats = build_noisy_pairs(policy, *_indexed(src), fresh, train_plan(len(frame)), settings)
+    assert (stats.pairs_total, stats.pairs_stored, stats.pairs_skipped) == (6, 5, 1)
+    skipped = json.loads((fresh / "shard-00000.json").read_text())["skipped"]
+    assert [(e["entry"], e["origin"]) for e in skipped] == [(2, f"file {src}, row 2")]
+    assert "cannot decode image bytes" in skipped[0]["reason"]
 
 
 # -- 6. one runner: one line and an exit code for every documented error and infrastructure fault -

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from spo_core.config import ModelConfig, OptimConfig, ScorerConfig
+from spo_core.data.stream import PreferenceSource
 from spo_core.data.pickapic import PreferenceDataError, decode_image, encode_image, write_preference_dataset
 from spo_core.models.diffusion import load_policy
 from spo_core.preference.config import PAPER_EVAL_TIMESTEPS, NoisyPairsConfig, TrainPMConfig
@@ -26,7 +27,7 @@ from spo_core.preference.noisy_pairs import (
     draw_entry,
     estimate_x0_images,
     eval_plan,
-    load_preference_source,
+    open_source,
     relabel_with_scorer,
     split_holdout,
     to_square,
@@ -74,6 +75,13 @@ def prefs(tmp_path_factory):
     return path
 
 
+def _load(path):
+    """(source, index with digests, the same rows with their image bytes)."""
+    src = open_source(str(path))
+    df = src.index(digest=True).frame
+    return src, df, src.fetcher().frame(df)
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "pm", image_size=16, patch_size=4)
@@ -98,25 +106,25 @@ def test_hub_source_without_datasets_names_the_fix():
     try:
         import datasets  # noqa: F401
     except ImportError:
-        with pytest.raises(PreferenceDataError, match="pip install datasets"):
-            load_preference_source("yuvalkirstain/pickapic_v1", "train")
+        with pytest.raises(PreferenceDataError, match="datasets"):
+            open_source("yuvalkirstain/pickapic_v1", "train")
     else:
         pytest.skip("`datasets` is installed")
     with pytest.raises(PreferenceDataError, match="no such file"):
-        load_preference_source("./no/such/file.parquet")
+        open_source("./no/such/file.parquet")
 
 
 def test_built_pairs_equal_an_unbatched_recomputation(policy, prefs, tmp_path):
-    df = load_preference_source(str(prefs))
+    src, df, full = _load(prefs)
     settings = BuildSettings(image_size=16, batch_size=4, shard_size=5, seed=7)
     plan = train_plan(len(df), repeats=1, max_pairs=7)
-    stats = build_noisy_pairs(policy, df, tmp_path / "train", plan, settings)
+    stats = build_noisy_pairs(policy, src, df, tmp_path / "train", plan, settings)
     assert (stats.pairs_total, stats.pairs_written, stats.shards_total) == (7, 7, 2)
     ds = NoisyPairs(tmp_path / "train")
     assert len(ds) == 7 and ds.image_size == 16
     for k in (0, 6):  # one entry from each shard, different positions in their UNet batches
         item = ds[k]
-        row = df.iloc[int(plan.pair_index[k])]
+        row = full.iloc[int(plan.pair_index[k])]
         t, noise = draw_entry(7, plan.salt, k, -1, policy.latent_shape)
         assert int(item["timestep"]) == t and item["caption"] == row["caption"]
         assert torch.equal(item["label"], torch.tensor([row["label_0"], row["label_1"]], dtype=torch.float32))
@@ -133,25 +141,25 @@ def test_built_pairs_equal_an_unbatched_recomputation(policy, prefs, tmp_path):
 
 
 def test_resume_and_determinism(policy, prefs, tmp_path):
-    df = load_preference_source(str(prefs))
+    src, df, _ = _load(prefs)
     settings = BuildSettings(image_size=16, batch_size=3, shard_size=4, seed=1)
     plan = train_plan(len(df), repeats=1, max_pairs=6)
-    build_noisy_pairs(policy, df, tmp_path / "a", plan, settings)
+    build_noisy_pairs(policy, src, df, tmp_path / "a", plan, settings)
     first = {p.name: p.read_bytes() for p in sorted((tmp_path / "a").glob("shard-*"))}
     assert sorted(first) == ["shard-00000.json", "shard-00000.safetensors", "shard-00001.json", "shard-00001.safetensors"]
     # A re-run skips complete shards; a lost shard is rebuilt byte for byte.
     (tmp_path / "a" / "shard-00001.safetensors").unlink()
-    stats = build_noisy_pairs(policy, df, tmp_path / "a", plan, settings)
+    stats = build_noisy_pairs(policy, src, df, tmp_path / "a", plan, settings)
     assert (stats.pairs_written, stats.shards_written) == (2, 1)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "a").glob("shard-*"))} == first
-    assert build_noisy_pairs(policy, df, tmp_path / "a", plan, settings).pairs_written == 0
+    assert build_noisy_pairs(policy, src, df, tmp_path / "a", plan, settings).pairs_written == 0
     # Extending max_pairs keeps full shards and rebuilds only the partial one.
-    stats = build_noisy_pairs(policy, df, tmp_path / "a", train_plan(len(df), 1, 9), settings)
+    stats = build_noisy_pairs(policy, src, df, tmp_path / "a", train_plan(len(df), 1, 9), settings)
     assert (stats.pairs_written, stats.shards_written) == (5, 2)
     assert (tmp_path / "a" / "shard-00000.safetensors").read_bytes() == first["shard-00000.safetensors"]
     # Another seed in the same folder is refused, not mixed in.
     with pytest.raises(NoisyPairsError, match="other settings"):
-        build_noisy_pairs(policy, df, tmp_path / "a", plan, BuildSettings(image_size=16, batch_size=3, shard_size=4, seed=2))
+        build_noisy_pairs(policy, src, df, tmp_path / "a", plan, BuildSettings(image_size=16, batch_size=3, shard_size=4, seed=2))
 
 
 def test_x0_estimates_for_sdxl_conditioning():
@@ -167,15 +175,16 @@ def test_x0_estimates_for_sdxl_conditioning():
 
 
 def test_eval_set_has_every_pair_at_every_timestep(policy, prefs, tmp_path):
-    df = load_preference_source(str(prefs)).head(3)
+    src, df, full = _load(prefs)
+    df, full = df.head(3), full.head(3)
     settings = BuildSettings(image_size=None, batch_size=8, shard_size=8, seed=0, clean_at_zero=True)
-    build_noisy_pairs(policy, df, tmp_path / "eval", eval_plan(3, list(PAPER_EVAL_TIMESTEPS)), settings)
+    build_noisy_pairs(policy, src, df, tmp_path / "eval", eval_plan(3, list(PAPER_EVAL_TIMESTEPS)), settings)
     ds = NoisyPairs(tmp_path / "eval")
     assert len(ds) == 15 and ds.timestep_values() == list(PAPER_EVAL_TIMESTEPS)
     assert ds.image_size == policy.resolution  # stored at model resolution when image_size is None
     for i in range(3):  # t = 0 stores the clean image itself
         assert int(ds[i]["timestep"]) == 0
-        clean = to_uint8(to_square(decode_image(df.iloc[i]["jpg_1"])[None], policy.resolution))[0]
+        clean = to_uint8(to_square(decode_image(full.iloc[i]["jpg_1"])[None], policy.resolution))[0]
         assert torch.equal(ds[i]["image_1"], clean)
     shard = load_file(str(tmp_path / "eval" / "shard-00000.safetensors"))
     assert shard["image_0"].dtype == torch.uint8 and shard["label"].shape == (8, 2)
@@ -183,14 +192,16 @@ def test_eval_set_has_every_pair_at_every_timestep(policy, prefs, tmp_path):
 
 def test_relabel_follows_the_judge(clip_dir):
     df = _pairs_frame(6)
+    src = PreferenceSource.from_frame(df)
+    index = src.index().frame
     judge = build_scorer("pickscore", path=str(clip_dir))
-    out = relabel_with_scorer(df, judge, threshold=0.0, batch_size=4)  # batches mix image sizes
+    out = relabel_with_scorer(index, src, judge, threshold=0.0, batch_size=4)  # batches mix image sizes
     for i, row in df.iterrows():
         s0 = judge.score(decode_image(row["jpg_0"])[None], [row["caption"]])
         s1 = judge.score(decode_image(row["jpg_1"])[None], [row["caption"]])
         assert out.loc[i, "label_0"] == (1.0 if s0 > s1 else 0.0) and out.loc[i, "label_1"] == 1.0 - out.loc[i, "label_0"]
-    assert (relabel_with_scorer(df, judge, threshold=0.999)["label_0"] == 0.5).all()
-    assert df["label_0"].tolist() == _pairs_frame(6)["label_0"].tolist()  # the input frame is not modified
+    assert (relabel_with_scorer(index, src, judge, threshold=0.999)["label_0"] == 0.5).all()
+    assert index["label_0"].tolist() == _pairs_frame(6)["label_0"].tolist()  # the input frame is not modified
 
 
 # ------------------------------------------------------------------------------ training

@@ -35,25 +35,19 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from ..data.pickapic import (
-    PreferenceDataError,
-    decode_image,
-    read_preference_dataset,
-    row_origin,
-    validate_preference_frame,
-    with_origin,
-)
-from ..scorers.preprocess import center_crop, looks_like_hub_id, resize_shortest_side
+from ..data.pickapic import PreferenceDataError, decode_image, row_origin
+from ..data.stream import PreferenceSource, RowFetcher, shard_rows
+from ..scorers.preprocess import center_crop, resize_shortest_side
 from ..utils import atomic_dir, atomic_file
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "spo-noisy-pairs"
-FORMAT_VERSION = 2  # 2: content digests of the image bytes
+FORMAT_VERSION = 3  # 2: content digests of the image bytes; 3: skipped entries, entry_range, row digests
 MANIFEST = "manifest.json"
 TRAIN_SALT, EVAL_SALT = 0, 1
 DRAW = -1  # plan marker: draw t ~ U{0..T-1} from the entry's generator
@@ -67,32 +61,9 @@ class NoisyPairsError(InputError, RuntimeError):
 # Sources and splits
 
 
-def load_preference_source(source: str, split: str = "train") -> pd.DataFrame:
-    """Pick-a-Pic-schema pairs from a local parquet file / folder, or a hub id via ``datasets``."""
-    if Path(source).expanduser().exists():
-        return read_preference_dataset(Path(source).expanduser())
-    if not looks_like_hub_id(source):
-        raise PreferenceDataError(f"preference data '{source}': no such file or folder, and not a hub id (owner/name). "
-                                  "Fix: check the path")
-    try:
-        import datasets  # optional: only hub sources need it
-    except ImportError:
-        raise PreferenceDataError(
-            f"preference data '{source}' is a hub id, which needs the `datasets` package (not installed). Fix: "
-            f"`pip install datasets`, or export the split '{split}' to parquet elsewhere and pass its path"
-        ) from None
-    try:
-        df = datasets.load_dataset(source, split=split).to_pandas()
-    except Exception as exc:  # noqa: BLE001 - hub/offline failures come in many types
-        raise PreferenceDataError(
-            f"could not load split '{split}' of hub dataset '{source}' ({type(exc).__name__}: {exc}). Fix: check the "
-            "id and split, or download it where there is network and pass a local parquet path"
-        ) from exc
-    if "has_label" in df.columns:  # Pick-a-Pic keeps unlabelled comparisons; they carry no preference
-        df = df[df["has_label"].astype(bool)]
-    for col in ("jpg_0", "jpg_1"):  # `datasets` may hand images over as {"bytes": ..., "path": ...}
-        df[col] = df[col].map(lambda v: v["bytes"] if isinstance(v, dict) else v)
-    return with_origin(validate_preference_frame(df.reset_index(drop=True), f"{source}[{split}]"), f"{source}[{split}]")
+def open_source(source: str, split: str = "train") -> PreferenceSource:
+    """Pick-a-Pic-schema pairs: a local parquet file / folder of shards, or a hub id via ``datasets``."""
+    return PreferenceSource.open(source, split)
 
 
 def decisive(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,25 +101,46 @@ def split_holdout(df: pd.DataFrame, eval_pairs: int, seed: int) -> tuple[pd.Data
 
 
 @torch.no_grad()
-def relabel_with_scorer(df: pd.DataFrame, scorer, threshold: float = 0.1, batch_size: int = 32) -> pd.DataFrame:
+def relabel_with_scorer(df: pd.DataFrame, source: PreferenceSource, scorer, threshold: float = 0.1, batch_size: int = 32,
+                        rank: int = 0, world: int = 1) -> pd.DataFrame:
     """Replace labels by ``scorer``'s judgement of the clean images (the reference's SDXL recipe).
 
     p = softmax([s0, s1]); (1, 0) if p0 - p1 > threshold, (0, 1) if p1 - p0 > threshold, else a tie.
+    Process ``rank`` of ``world`` scores its contiguous part of the rows; the scores are gathered.
+    A row whose image does not decode becomes a tie (it is skipped later, when its image is needed).
     """
-    s0 = np.zeros(len(df), dtype=np.float64)
-    s1 = np.zeros(len(df), dtype=np.float64)
-    for start in tqdm(range(0, len(df), batch_size), desc="relabel", unit="batch", disable=len(df) <= batch_size):
-        part = df.iloc[start:start + batch_size]
-        images = [decode_image(b, i) for col in ("jpg_0", "jpg_1") for b, i in zip(part[col], part.index)]
-        caps = [str(c) for c in part["caption"]] * 2
+    part_rows = shard_rows(len(df), rank, world)
+    mine = df.iloc[part_rows]
+    fetch = source.fetcher()
+    s0 = np.zeros(len(mine), dtype=np.float64)
+    s1 = np.zeros(len(mine), dtype=np.float64)
+    for start in tqdm(range(0, len(mine), batch_size), desc="relabel", unit="batch", disable=len(mine) <= batch_size):
+        part = mine.iloc[start:start + batch_size]
+        blobs = fetch.images(part["file_id"], part["source_row"])
+        where = [row_origin(row, i) for i, row in part.iterrows()]
+        images, owners = [], []
+        for j, (pair, w) in enumerate(zip(blobs, where)):
+            try:
+                images += [decode_image(pair[0], w), decode_image(pair[1], w)]
+                owners.append(j)
+            except PreferenceDataError:
+                pass
+        caps = [str(part["caption"].iloc[j]) for j in owners for _ in (0, 1)]
         scores = np.zeros(len(images))
         by_size: dict[tuple[int, ...], list[int]] = {}
         for j, img in enumerate(images):  # the scorer batches images of one size
             by_size.setdefault(tuple(img.shape), []).append(j)
         for idx in by_size.values():
             scores[idx] = scorer.score(torch.stack([images[j] for j in idx]), [caps[j] for j in idx]).double().cpu().numpy()
-        n = len(part)
-        s0[start:start + n], s1[start:start + n] = scores[:n], scores[n:]
+        for n, j in enumerate(owners):
+            s0[start + j], s1[start + j] = scores[2 * n], scores[2 * n + 1]
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (s0, s1))
+        s0 = np.concatenate([p[0] for p in parts])
+        s1 = np.concatenate([p[1] for p in parts])
     p = torch.softmax(torch.tensor(np.stack([s0, s1], 1)), dim=1).numpy()
     diff = p[:, 0] - p[:, 1]
     out = df.copy()
@@ -254,24 +246,17 @@ DIGEST_BLOCK = 4096  # rows per block digest: a changed row is located to its bl
 
 
 def _frame_digest(df: pd.DataFrame) -> tuple[str, list[str]]:
-    """A content hash of the rows (captions, labels and the image bytes themselves), and one per block."""
-    whole, blocks = hashlib.blake2b(digest_size=16), []
-    h = None
-    for i, (cap, l0, a, b) in enumerate(zip(df["caption"], df["label_0"], df["jpg_0"], df["jpg_1"])):
-        if i % DIGEST_BLOCK == 0:
-            if h is not None:
-                blocks.append(h.hexdigest())
-            h = hashlib.blake2b(digest_size=8)
-        for part in (f"{cap}\x00{float(l0):.6f}\x00{len(a)}\x00".encode(), bytes(a), bytes(b)):
-            h.update(part)
-    if h is not None:
-        blocks.append(h.hexdigest())
-    for d in blocks:
-        whole.update(d.encode())
-    return whole.hexdigest(), blocks
+    """A content hash of the rows (their ``row_digest``: captions, labels, image bytes), and one per block."""
+    if "row_digest" not in df.columns:
+        raise ValueError("the rows carry no row_digest: index the source with PreferenceSource.index(digest=True)")
+    d = np.ascontiguousarray(df["row_digest"].to_numpy(dtype=np.uint64))
+    blocks = [hashlib.blake2b(d[i:i + DIGEST_BLOCK].tobytes(), digest_size=8).hexdigest()
+              for i in range(0, len(d), DIGEST_BLOCK)]
+    return hashlib.blake2b("".join(blocks).encode(), digest_size=16).hexdigest(), blocks
 
 
-def _mismatch(out: Path, old: dict[str, Any], fingerprint: dict[str, Any], blocks: list[str], df: pd.DataFrame) -> str:
+def _mismatch(out: Path, old: dict[str, Any], fingerprint: dict[str, Any], blocks: list[str], df: pd.DataFrame,
+              source: PreferenceSource) -> str:
     """Say what differs between an existing set and this run: which settings, or which rows of which file."""
     old_fp = old.get("fingerprint") or {}
     differ = sorted(k for k in set(old_fp) | set(fingerprint) if old_fp.get(k) != fingerprint.get(k))
@@ -281,10 +266,10 @@ def _mismatch(out: Path, old: dict[str, Any], fingerprint: dict[str, Any], block
         lo, hi = i * DIGEST_BLOCK, min((i + 1) * DIGEST_BLOCK, len(df)) - 1
         part = df.iloc[lo:hi + 1]
         bad = ""
-        for idx, row in part.iterrows():
-            for col in ("jpg_0", "jpg_1"):
+        for (a, b), (idx, row) in zip(source.fetcher().images(part["file_id"], part["source_row"]), part.iterrows()):
+            for col, blob in (("jpg_0", a), ("jpg_1", b)):
                 try:
-                    decode_image(row[col])
+                    decode_image(blob)
                 except PreferenceDataError:
                     bad = f"; {col} of {row_origin(row, idx)} does not decode"
                     break
@@ -300,13 +285,13 @@ def _mismatch(out: Path, old: dict[str, Any], fingerprint: dict[str, Any], block
 
 
 def _shard_range(path: Path) -> tuple[int, int] | None:
-    """The [start, stop) entry range a shard file holds, or None if absent or unreadable."""
+    """The [start, stop) entry range a shard file was built for, or None if absent or unreadable."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            idx = f.get_tensor("entry_index")
-        return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else None
+            r = f.get_tensor("entry_range")
+        return int(r[0]), int(r[1])
     except Exception:  # noqa: BLE001 - an unreadable shard is rebuilt
         return None
 
@@ -322,17 +307,21 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
         fh.write("\n")
 
 
-def write_shard(out_dir: Path, index: int, tensors: dict[str, torch.Tensor], captions: list[str], start: int, stop: int) -> Path:
-    """Write shard ``index`` (entries [start, stop)): captions json first, then the safetensors file.
+def write_shard(out_dir: Path, index: int, tensors: dict[str, torch.Tensor], captions: list[str], start: int, stop: int,
+                skipped: list[dict[str, Any]] | None = None) -> Path:
+    """Write shard ``index``, built for entries [start, stop): captions json first, then the safetensors file.
 
-    Both writes are atomic and the safetensors file (whose entry_index records the range) goes last,
-    so a shard with a safetensors file is complete.
+    ``tensors["entry_index"]`` lists the entries it holds (default: all of [start, stop)); entries
+    whose images did not decode are left out and listed in ``skipped`` (json). Both writes are
+    atomic and the safetensors file, which records the range, goes last: a shard whose safetensors
+    file has the planned range is complete.
     """
-    n = stop - start
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    tensors.setdefault("pair_index", torch.arange(start, stop, dtype=torch.int64))
-    tensors["entry_index"] = torch.arange(start, stop, dtype=torch.int64)
-    for key in ("image_0", "image_1", "timestep", "label"):
+    tensors.setdefault("entry_index", torch.arange(start, stop, dtype=torch.int64))
+    n = len(tensors["entry_index"])
+    tensors.setdefault("pair_index", tensors["entry_index"].clone())
+    tensors["entry_range"] = torch.tensor([start, stop], dtype=torch.int64)
+    for key in ("image_0", "image_1", "timestep", "label", "pair_index"):
         if key not in tensors or tensors[key].shape[0] != n:
             raise ValueError(f"shard {index}: '{key}' must hold {n} rows")
     if tensors["image_0"].dtype != torch.uint8 or tensors["image_0"].shape != tensors["image_1"].shape:
@@ -343,11 +332,11 @@ def write_shard(out_dir: Path, index: int, tensors: dict[str, torch.Tensor], cap
     tensors["label"] = tensors["label"].float()
     name = _shard_name(index)
     with atomic_file(out_dir / f"{name}.json", "w") as fh:
-        json.dump({"captions": list(captions)}, fh)
+        json.dump({"captions": list(captions), "skipped": list(skipped or [])}, fh)
     path = out_dir / f"{name}.safetensors"
     with atomic_file(path, "wb") as fh:
-        # The range lives in the entry_index tensor, not in header metadata: safetensors writes
-        # metadata keys in hash order, which would make identical shards differ byte-wise.
+        # The range lives in tensors, not in header metadata: safetensors writes metadata keys in
+        # hash order, which would make identical shards differ byte-wise.
         fh.write(safetensors_save(tensors))
     return path
 
@@ -379,25 +368,140 @@ def write_noisy_pair_set(out_dir: str | os.PathLike, image_0: torch.Tensor, imag
 
 @dataclass
 class BuildStats:
-    pairs_total: int
-    pairs_written: int
+    pairs_total: int  # entries planned
+    pairs_written: int  # entries built by this run (all processes)
     shards_total: int
     shards_written: int
     seconds: float
+    pairs_stored: int = 0  # entries in the finished set (planned minus skipped)
+    pairs_skipped: int = 0  # entries left out because an image did not decode
 
     @property
     def seconds_per_pair(self) -> float:
         return self.seconds / self.pairs_written if self.pairs_written else 0.0
 
 
-def build_noisy_pairs(policy, df: pd.DataFrame, out_dir: str | os.PathLike, plan: EntryPlan, settings: BuildSettings,
-                      source: dict[str, Any] | None = None) -> BuildStats:
-    """Write the entries of ``plan`` (rows of ``df``) as shards under ``out_dir``; skip complete shards.
+class _EntryBatches(IterableDataset):
+    """The decoded inputs of one process's shards, batch by batch: what DataLoader workers prepare.
 
-    Raises :class:`NoisyPairsError` if ``out_dir`` holds shards built with other settings.
+    Worker w of W takes shards ``todo[w::W]`` and yields their batches in order (one item: up to
+    ``batch_size`` consecutive entries of one shard), so image reading and JPEG decoding run in the
+    workers while the main process runs the model.
     """
+
+    def __init__(self, source: PreferenceSource, df: pd.DataFrame, plan: EntryPlan, todo: list[tuple[int, int, int]],
+                 settings: BuildSettings, resolution: int, latent_shape: tuple[int, ...]):
+        self.backend = source.backend
+        rows = plan.pair_index
+        self.file_id = df["file_id"].to_numpy()
+        self.source_row = df["source_row"].to_numpy()
+        self.source_file = [str(f) for f in df["source_file"].cat.categories]
+        self.captions = df["caption"].tolist()
+        self.labels = df[["label_0", "label_1"]].to_numpy(dtype=np.float32)
+        self.rows, self.timestep, self.salt = rows, plan.timestep, plan.salt
+        self.todo, self.settings, self.resolution, self.latent_shape = todo, settings, resolution, latent_shape
+
+    def batches_of(self, start: int, stop: int) -> int:
+        return math.ceil((stop - start) / self.settings.batch_size)
+
+    def _item(self, fetch: RowFetcher, shard: int, ks: range) -> dict[str, Any]:
+        st = self.settings
+        rows = self.rows[list(ks)]
+        blobs = fetch.images(self.file_id[rows], self.source_row[rows])
+        ok, clean0, clean1, skipped = [], [], [], []
+        for k, r, (b0, b1) in zip(ks, rows, blobs):
+            where = f"file {self.source_file[self.file_id[r]]}, row {int(self.source_row[r])}"
+            try:
+                x0 = to_square(decode_image(b0, where)[None], self.resolution)[0]
+                x1 = to_square(decode_image(b1, where)[None], self.resolution)[0]
+            except PreferenceDataError as exc:
+                skipped.append({"entry": int(k), "origin": where, "reason": str(exc).split(" Fix:")[0]})
+                ok.append(False)
+                continue
+            ok.append(True)
+            clean0.append(x0)
+            clean1.append(x1)
+        keep = [k for k, good in zip(ks, ok) if good]
+        draws = [draw_entry(st.seed, self.salt, k, int(self.timestep[k]), self.latent_shape, st.num_train_timesteps)
+                 for k in keep]
+        empty = torch.zeros(0, 3, self.resolution, self.resolution)
+        kept_rows = self.rows[keep]
+        return {
+            "shard": shard,
+            "entries": torch.tensor(keep, dtype=torch.int64),
+            "pair_index": torch.from_numpy(kept_rows.astype(np.int64)),
+            "clean0": torch.stack(clean0) if clean0 else empty,
+            "clean1": torch.stack(clean1) if clean1 else empty,
+            "t": torch.tensor([d[0] for d in draws], dtype=torch.long),
+            "noise": torch.stack([d[1] for d in draws]) if draws else torch.zeros(0, *self.latent_shape),
+            "captions": [str(self.captions[r]) for r in kept_rows],
+            "label": torch.from_numpy(self.labels[kept_rows]),
+            "skipped": skipped,
+        }
+
+    def __iter__(self):
+        import pickle
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # A fresh copy of the reader: open file handles are not shared between processes.
+        fetch = RowFetcher(pickle.loads(pickle.dumps(self.backend)))
+        bs = self.settings.batch_size
+        for shard, start, stop in self.todo[wid::nw]:
+            for b0 in range(start, stop, bs):
+                yield self._item(fetch, shard, range(b0, min(b0 + bs, stop)))
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun / accelerate launch (the process group is set up by the caller)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather_sum(values: list[int], world: int) -> list[int]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return [int(v) for v in t]
+
+
+def _stored_counts(out: Path, num_shards: int) -> tuple[int, list[dict[str, Any]]]:
+    """Entries stored in a set's shards, and the entries its shards list as skipped."""
+    stored, skipped = 0, []
+    for s in range(num_shards):
+        f = out / f"{_shard_name(s)}.safetensors"
+        with safe_open(str(f), framework="pt") as h:
+            stored += int(h.get_slice("entry_index").get_shape()[0])
+        skipped += json.loads(f.with_suffix(".json").read_text()).get("skipped", [])
+    return stored, skipped
+
+
+def build_noisy_pairs(policy, source: PreferenceSource, df: pd.DataFrame, out_dir: str | os.PathLike, plan: EntryPlan,
+                      settings: BuildSettings, source_info: dict[str, Any] | None = None,
+                      num_workers: int = 0) -> BuildStats:
+    """Write the entries of ``plan`` (rows of the index ``df`` of ``source``) as shards; skip complete ones.
+
+    Under torchrun / accelerate launch, process p builds the shards s with s % N == p; every
+    entry's randomness depends only on (seed, set, entry), so the shards are the same whatever the
+    number of processes. ``num_workers`` DataLoader workers read and decode the images. Entries
+    whose images do not decode are left out and counted. Raises :class:`NoisyPairsError` if
+    ``out_dir`` holds shards built with other settings or data.
+    """
+    rank, world = _world()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     size = settings.image_size or policy.resolution
     digest, blocks = _frame_digest(df)
     fingerprint = {
@@ -406,64 +510,79 @@ def build_noisy_pairs(policy, df: pd.DataFrame, out_dir: str | os.PathLike, plan
         "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
                   "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
     }
-    old = _read_manifest(out)
-    if old is not None and old.get("fingerprint") != fingerprint:
-        raise NoisyPairsError(_mismatch(out, old, fingerprint, blocks, df))
     n = len(plan)
     num_shards = math.ceil(n / settings.shard_size)
     # The source is recorded but not fingerprinted: the same data under another path may resume.
-    manifest = {"fingerprint": fingerprint, "data_blocks": blocks, "source": source or {}, "num_pairs": n,
+    manifest = {"fingerprint": fingerprint, "data_blocks": blocks, "source": source_info or {}, "num_pairs": n,
                 "num_shards": num_shards, "image_size": size, "shard_size": settings.shard_size, "complete": False}
-    _write_manifest(out, manifest)
-    for stale in sorted(out.glob("shard-*.safetensors")):  # shards beyond a shrunk plan must not be read
-        if int(stale.stem.split("-")[1]) >= num_shards:
-            stale.unlink()
-            stale.with_suffix(".json").unlink(missing_ok=True)
+    old = _read_manifest(out)
+    older_format = old is not None and (old.get("fingerprint") or {}).get("format_version") != FORMAT_VERSION
+    if old is not None and not older_format and old.get("fingerprint") != fingerprint:
+        raise NoisyPairsError(_mismatch(out, old, fingerprint, blocks, df, source))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if older_format:
+            log.info("%s was written in an older format (version %s): rebuilding it", out,
+                     (old.get("fingerprint") or {}).get("format_version"))
+        _write_manifest(out, manifest)
+        for stale in sorted(out.glob("shard-*.safetensors")):  # shards beyond a shrunk plan must not be read
+            if older_format or int(stale.stem.split("-")[1]) >= num_shards:
+                stale.unlink()
+                stale.with_suffix(".json").unlink(missing_ok=True)
+    _barrier(world)
     todo = []
-    for s in range(num_shards):
+    for s in range(rank, num_shards, world):
         start, stop = s * settings.shard_size, min((s + 1) * settings.shard_size, n)
         if _shard_range(out / f"{_shard_name(s)}.safetensors") != (start, stop):
             todo.append((s, start, stop))
     pending = sum(stop - start for _, start, stop in todo)
-    log.info("%s: %d pairs in %d shards, %d to build", out, n, num_shards, pending)
+    log.info("%s: %d pairs in %d shards; process %d of %d builds %d of them", out, n, num_shards, rank, world, pending)
     t0 = time.perf_counter()
-    latent_shape = policy.latent_shape
-    with tqdm(total=pending, desc=f"noisy pairs -> {out.name}", unit="pair", disable=pending == 0) as bar:
-        for s, start, stop in todo:
-            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("image_0", "image_1", "timestep")}
-            captions: list[str] = []
-            for b0 in range(start, stop, settings.batch_size):
-                ks = range(b0, min(b0 + settings.batch_size, stop))
-                rows = df.iloc[plan.pair_index[list(ks)]]
-                draws = [draw_entry(settings.seed, plan.salt, k, int(plan.timestep[k]), latent_shape,
-                                    settings.num_train_timesteps) for k in ks]
-                t = torch.tensor([d[0] for d in draws], dtype=torch.long)
-                noise = torch.stack([d[1] for d in draws])
-                where = [row_origin(row, i) for i, row in rows.iterrows()]
-                clean0 = torch.stack([to_square(decode_image(x, w)[None], policy.resolution)[0]
-                                      for x, w in zip(rows["jpg_0"], where)])
-                clean1 = torch.stack([to_square(decode_image(x, w)[None], policy.resolution)[0]
-                                      for x, w in zip(rows["jpg_1"], where)])
-                caps = [str(c) for c in rows["caption"]]
-                est0, est1 = estimate_x0_images(policy, clean0, clean1, caps, t, noise, settings.guidance_scale)
+    batches = _EntryBatches(source, df, plan, todo, settings, policy.resolution, policy.latent_shape)
+    expected = {s: batches.batches_of(start, stop) for s, start, stop in todo}
+    ranges = {s: (start, stop) for s, start, stop in todo}
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
+                        prefetch_factor=2 if num_workers else None, collate_fn=None)
+    open_shards: dict[int, dict[str, Any]] = {}
+    with tqdm(total=pending, desc=f"noisy pairs -> {out.name}", unit="pair", disable=pending == 0 or rank != 0) as bar:
+        for item in loader:
+            buf = open_shards.setdefault(item["shard"], {"parts": [], "captions": [], "skipped": [], "seen": 0})
+            if len(item["entries"]):
+                est0, est1 = estimate_x0_images(policy, item["clean0"], item["clean1"], item["captions"], item["t"],
+                                                item["noise"], settings.guidance_scale)
                 if settings.clean_at_zero:
-                    zero = (t == 0).view(-1, 1, 1, 1).to(est0.device)
-                    est0 = torch.where(zero, clean0.to(est0), est0)
-                    est1 = torch.where(zero, clean1.to(est1), est1)
-                parts["image_0"].append(to_uint8(to_square(est0, size)))
-                parts["image_1"].append(to_uint8(to_square(est1, size)))
-                parts["timestep"].append(t)
-                captions += caps
-                bar.update(len(ks))
-            rows = df.iloc[plan.pair_index[start:stop]]
-            tensors = {k: torch.cat(v) for k, v in parts.items()}
-            tensors["label"] = torch.tensor(rows[["label_0", "label_1"]].to_numpy(dtype=np.float32))
-            tensors["pair_index"] = torch.from_numpy(plan.pair_index[start:stop].copy())
-            write_shard(out, s, tensors, captions, start, stop)
+                    zero = (item["t"] == 0).view(-1, 1, 1, 1).to(est0.device)
+                    est0 = torch.where(zero, item["clean0"].to(est0), est0)
+                    est1 = torch.where(zero, item["clean1"].to(est1), est1)
+                buf["parts"].append({"image_0": to_uint8(to_square(est0, size)), "image_1": to_uint8(to_square(est1, size)),
+                                     "timestep": item["t"], "label": item["label"], "pair_index": item["pair_index"],
+                                     "entry_index": item["entries"]})
+                buf["captions"] += item["captions"]
+            buf["skipped"] += item["skipped"]
+            buf["seen"] += 1
+            bar.update(len(item["entries"]) + len(item["skipped"]))
+            if buf["seen"] == expected[item["shard"]]:
+                s = item["shard"]
+                parts = buf["parts"] or [{"image_0": torch.zeros(0, 3, size, size, dtype=torch.uint8),
+                                          "image_1": torch.zeros(0, 3, size, size, dtype=torch.uint8),
+                                          "timestep": torch.zeros(0, dtype=torch.long), "label": torch.zeros(0, 2),
+                                          "pair_index": torch.zeros(0, dtype=torch.long),
+                                          "entry_index": torch.zeros(0, dtype=torch.long)}]
+                tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                write_shard(out, s, tensors, buf["captions"], *ranges[s], skipped=buf["skipped"])
+                if buf["skipped"]:
+                    log.warning("shard %d: skipped %d entries whose images do not decode, e.g. %s", s,
+                                len(buf["skipped"]), buf["skipped"][0]["origin"])
+                del open_shards[s]
     seconds = time.perf_counter() - t0
-    manifest["complete"] = True
-    _write_manifest(out, manifest)
-    return BuildStats(n, pending, num_shards, len(todo), seconds)
+    written, shards_written = _gather_sum([pending, len(todo)], world)
+    _barrier(world)
+    stored, skipped = _stored_counts(out, num_shards)
+    if rank == 0:
+        manifest.update({"complete": True, "num_pairs": stored, "num_planned": n, "num_skipped": len(skipped)})
+        _write_manifest(out, manifest)
+    _barrier(world)
+    return BuildStats(n, written, num_shards, shards_written, seconds, stored, len(skipped))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,24 +657,47 @@ class NoisyPairs(Dataset):
 # The stage
 
 
+def _process_group(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device): under torchrun / accelerate launch, join the process group (accelerate)."""
+    from ..utils import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        dev = state.device if device in ("auto", "cuda") else resolve_device(device)
+        return state.process_index, state.num_processes, dev
+    return 0, 1, resolve_device(device)
+
+
+def _skip_metrics(prefix: str, index) -> dict[str, float]:
+    return {f"{prefix}rows_skipped_{reason}": int(index.skipped.get(reason, 0))
+            for reason in ("unlabelled", "bad_caption", "bad_label", "missing_image")}
+
+
 def run_noisy_pairs(cfg) -> dict[str, float]:
     """Build ``<output_dir>/train`` and ``<output_dir>/eval`` from a :class:`NoisyPairsConfig`."""
     from ..models.diffusion import load_policy
-    from ..utils import resolve_device
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    policy = load_policy(cfg.model, device=resolve_device(cfg.device))
-    data = load_preference_source(cfg.data, cfg.split)
-    held = load_preference_source(cfg.eval_data, cfg.eval_split) if cfg.eval_data is not None else None
+    rank, world, device = _process_group(cfg.device)
+    policy = load_policy(cfg.model, device=device)
+    source = open_source(cfg.data, cfg.split)
+    index = source.index(digest=True, rank=rank, world=world)
+    data = index.frame
+    held_source = open_source(cfg.eval_data, cfg.eval_split) if cfg.eval_data is not None else None
+    held_index = held_source.index(digest=True, rank=rank, world=world) if held_source is not None else None
+    held = held_index.frame if held_index is not None else None
     if cfg.relabel is not None:
         # Relabel before choosing held-out pairs: accuracy is measured on pairs the judge finds
         # decisive, as the reference does after relabelling.
         from ..scorers.base import build_scorer
 
         judge = build_scorer(cfg.relabel.name, path=cfg.relabel.path, device=policy.device, **cfg.relabel.options)
-        data = relabel_with_scorer(data, judge, cfg.relabel_threshold)
-        held = None if held is None else relabel_with_scorer(held, judge, cfg.relabel_threshold)
+        data = relabel_with_scorer(data, source, judge, cfg.relabel_threshold, rank=rank, world=world)
+        if held is not None:
+            held = relabel_with_scorer(held, held_source, judge, cfg.relabel_threshold, rank=rank, world=world)
         del judge
     if held is not None:
         train_df = data
@@ -568,21 +710,32 @@ def run_noisy_pairs(cfg) -> dict[str, float]:
     settings = BuildSettings(image_size=cfg.image_size, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
                              shard_size=cfg.shard_size, seed=cfg.seed, num_train_timesteps=cfg.num_train_timesteps)
     out = Path(cfg.output_dir)
-    train = build_noisy_pairs(policy, train_df, out / "train", train_plan(len(train_df), cfg.repeats, cfg.max_pairs),
-                              settings, source={"data": cfg.data, "split": cfg.split})
+    train = build_noisy_pairs(policy, source, train_df, out / "train",
+                              train_plan(len(train_df), cfg.repeats, cfg.max_pairs), settings,
+                              source_info={"data": cfg.data, "split": cfg.split}, num_workers=cfg.num_workers)
     metrics: dict[str, float] = {
         "pairs_total": train.pairs_total,
         "pairs_written": train.pairs_written,
+        "pairs_stored": train.pairs_stored,
+        "entries_skipped_undecodable": train.pairs_skipped,
         "seconds_per_pair": round(train.seconds_per_pair, 6),
         "source_pairs": len(data),
         "train_source_pairs": len(train_df),
+        "processes": world,
+        **_skip_metrics("", index),
     }
     if len(eval_df):
         eval_settings = BuildSettings(**{**asdict(settings), "clean_at_zero": cfg.clean_eval_at_zero})
-        ev = build_noisy_pairs(policy, eval_df, out / "eval", eval_plan(len(eval_df), cfg.eval_timesteps), eval_settings,
-                               source={"data": cfg.eval_data or cfg.data, "split": cfg.eval_split if cfg.eval_data else cfg.split,
-                                       "holdout": cfg.eval_data is None})
+        ev = build_noisy_pairs(policy, held_source or source, eval_df, out / "eval",
+                               eval_plan(len(eval_df), cfg.eval_timesteps), eval_settings,
+                               source_info={"data": cfg.eval_data or cfg.data,
+                                            "split": cfg.eval_split if cfg.eval_data else cfg.split,
+                                            "holdout": cfg.eval_data is None}, num_workers=cfg.num_workers)
         metrics.update({"eval_pairs": len(eval_df), "eval_entries_total": ev.pairs_total,
-                        "eval_entries_written": ev.pairs_written, "eval_seconds_per_pair": round(ev.seconds_per_pair, 6)})
+                        "eval_entries_written": ev.pairs_written, "eval_entries_stored": ev.pairs_stored,
+                        "eval_entries_skipped_undecodable": ev.pairs_skipped,
+                        "eval_seconds_per_pair": round(ev.seconds_per_pair, 6)})
+        if held_index is not None:
+            metrics.update(_skip_metrics("eval_", held_index))
     log.info("noisy pairs: %s", metrics)
     return metrics
