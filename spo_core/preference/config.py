@@ -53,6 +53,9 @@ class NoisyPairsConfig(Strict):
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
+    # DataLoader workers that read and decode the source images (0: in the main process). Results
+    # do not depend on it.
+    num_workers: int = Field(default=2, ge=0)
 
     @field_validator("eval_timesteps")
     @classmethod
