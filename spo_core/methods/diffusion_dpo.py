@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.pickapic import decode_image, read_preference_dataset
+import pandas as pd
+
+from ..data.pickapic import PreferenceDataError, decode_image
+from ..data.stream import PreferenceSource
 from ..losses import diffusion_dpo_loss
 from ..models.lora import adapters_disabled
 from ..rows import Rows
@@ -27,16 +30,15 @@ class LatentPairs(Rows):
     order: torch.Tensor  # 0: one item per pair
 
 
-def load_pairs(path: str) -> tuple[list[str], list[bytes], list[bytes]]:
-    """(captions, winner bytes, loser bytes) of a Pick-a-Pic-schema dataset, ties dropped."""
-    df = read_preference_dataset(path)
-    df = df[df["label_0"] != df["label_1"]]
+def load_pairs(path: str) -> tuple[PreferenceSource, pd.DataFrame]:
+    """The source and the index of its non-tied pairs (image bytes are read per round, not held)."""
+    source = PreferenceSource.open(path)
+    df = source.index().frame
+    df = df[df["label_0"] != df["label_1"]].reset_index(drop=True)
     if df.empty:
-        raise ValueError(f"preference dataset '{path}' has no non-tied pairs: Diffusion-DPO drops ties")
-    w0 = df["label_0"].to_numpy() > df["label_1"].to_numpy()
-    win = [a if f else b for a, b, f in zip(df["jpg_0"], df["jpg_1"], w0)]
-    lose = [b if f else a for a, b, f in zip(df["jpg_0"], df["jpg_1"], w0)]
-    return df["caption"].astype(str).tolist(), win, lose
+        raise PreferenceDataError(f"preference dataset '{path}' has no non-tied pairs: Diffusion-DPO drops ties. "
+                                  "Fix: give pairs with a preference")
+    return source, df
 
 
 @dataclass
@@ -48,10 +50,28 @@ class DiffusionDPOMethod:
     name: str = "diffusion_dpo"
 
     def __post_init__(self):
-        self.captions, self.win, self.lose = load_pairs(self.dataset)
+        self.source, index = load_pairs(self.dataset)
+        self.captions = index["caption"].astype(str).tolist()
+        self.file_id = index["file_id"].to_numpy()
+        self.source_row = index["source_row"].to_numpy()
+        self.first_wins = index["label_0"].to_numpy() > index["label_1"].to_numpy()
+        self.where = [f"file {f}, row {r}" for f, r in zip(index["source_file"], self.source_row)]
+        self._fetcher = None
 
-    def _images(self, blobs: list[bytes], idx: list[int], size: int) -> torch.Tensor:
-        imgs = torch.stack([decode_image(blobs[i], index=i) for i in idx])
+    def _pair_images(self, idx: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(winner, loser) images of the pairs ``idx``, read from the source now."""
+        if self._fetcher is None:
+            self._fetcher = self.source.fetcher()
+        blobs = self._fetcher.images(self.file_id[idx], self.source_row[idx])
+        win, lose = [], []
+        for i, (a, b) in zip(idx, blobs):
+            w, lo = (a, b) if self.first_wins[i] else (b, a)
+            win.append(decode_image(w, self.where[i]))
+            lose.append(decode_image(lo, self.where[i]))
+        return self._resize(torch.stack(win), size), self._resize(torch.stack(lose), size)
+
+    @staticmethod
+    def _resize(imgs: torch.Tensor, size: int) -> torch.Tensor:
         if imgs.shape[-1] != size or imgs.shape[-2] != size:
             imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         return imgs
@@ -64,8 +84,9 @@ class DiffusionDPOMethod:
         positions = round_positions(self.pairs_per_round, ctx.round, rank, world)
         policy = ctx.policy
         size = policy.resolution
-        lat_w = policy.encode_images(self._images(self.win, idx, size).to(policy.device))
-        lat_l = policy.encode_images(self._images(self.lose, idx, size).to(policy.device))
+        win, lose = self._pair_images(idx, size)
+        lat_w = policy.encode_images(win.to(policy.device))
+        lat_l = policy.encode_images(lose.to(policy.device))
         # The pairs' conditioning is the round's: the trainer gathers it with the pairs.
         ctx.cond = policy.encode_prompts([self.captions[i] for i in idx])
         # One t and one noise per pair from the pair's own stream (any number of processes, same draw).
