@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -187,8 +188,9 @@ def decode_image(b: bytes, index: Any = None) -> torch.Tensor:
         with Image.open(io.BytesIO(bytes(b))) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # no memory addresses: messages are recorded
         raise PreferenceDataError(
-            f"cannot decode image bytes{where} ({type(exc).__name__}: {exc}). Fix: re-encode that image as PNG or "
+            f"cannot decode image bytes{where} ({type(exc).__name__}: {detail}). Fix: re-encode that image as PNG or "
             "JPEG (see encode_image) or drop the row"
         ) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
