@@ -33,7 +33,6 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from spo_core import tracking
-from spo_core.config import PROFILE_DIR, read_profile
 from spo_core.dvc_graph import is_gpu_stage, stage_order
 from spo_core.errors import SpoError
 from spo_core.runner import run_entrypoint
@@ -137,15 +136,17 @@ def _stage_task(stage: str, gpu: list[str] | None):
 
 
 def install_params(params: str, root: Path) -> None:
-    """Make ``params`` (a YAML file or a profile name) the pipeline's ``params.yaml`` (DVC-tracked)."""
-    read_profile(params)  # validates; raises ConfigError naming the profiles / the missing file
-    src = Path(params) if Path(params).suffix else PROFILE_DIR / f"{params}.yaml"
+    """Make ``params`` (a YAML file or a profile name) the pipeline's ``params.yaml`` (DVC-tracked),
+    written as ``spo params`` writes it: every value spelled out (dvc.yaml lists single keys)."""
+    from spo_core.params_file import params_text
+
+    text = params_text(params)  # validates; raises ConfigError naming the profiles / the missing file / bad keys
     dst = root / "params.yaml"
-    if dst.exists() and dst.read_bytes() == src.read_bytes():
+    if dst.exists() and dst.read_text() == text:
         return
-    _logger().warning("replacing %s with %s", dst, src)
+    _logger().warning("replacing %s with %s", dst, params)
     tmp = dst.with_name(".params.yaml.tmp")
-    shutil.copyfile(src, tmp)
+    tmp.write_text(text)
     os.replace(tmp, dst)
 
 

@@ -8,9 +8,10 @@ with dotted ``key=value`` strings (``sampler.k=8``). Unknown keys and bad values
 from __future__ import annotations
 
 import copy
+import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -26,6 +27,15 @@ class ConfigError(InputError, ValueError):
 class Strict(BaseModel):
     # inf and nan are never meaningful settings (an lr of inf passed validation before).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    # Operational fields: where and how a stage runs (device, threads, processes), where it writes and
+    # how often it checkpoints or logs. They never change its results, so DVC must not rerun it when
+    # they change: dvc.yaml's `params:` lists every other field (result_keys; tests/test_config.py
+    # checks dvc.yaml against it). A class adds its own with `OPERATIONAL = Strict.OPERATIONAL | {...}`.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({
+        "device", "num_threads", "num_workers", "launch", "output_dir", "checkpoint_dir", "checkpoint_every",
+        "keep_checkpoints", "log_every", "resume",
+    })
 
     @field_validator("*", mode="before")
     @classmethod
@@ -45,6 +55,36 @@ def _flat_types(tp: Any) -> set:
     return set().union(*(_flat_types(a) for a in args))
 
 
+def _section_types(tp: Any) -> list[type[Strict]]:
+    """The config classes a field holds directly (``X`` or ``X | None``; not inside a list or dict)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [t for a in typing.get_args(tp) for t in _section_types(a)]
+    return [tp] if isinstance(tp, type) and issubclass(tp, Strict) else []
+
+
+def _has_operational(cls: type[Strict]) -> bool:
+    return any(name in cls.OPERATIONAL or any(_has_operational(s) for s in _section_types(f.annotation))
+               for name, f in cls.model_fields.items())
+
+
+def result_keys(cls: type[Strict], prefix: str = "") -> list[str]:
+    """The dotted keys of ``cls`` that change a stage's results: every field but the operational ones,
+    a whole sub-section where none of its fields is operational (what dvc.yaml's ``params:`` lists)."""
+    keys = []
+    for name, field in cls.model_fields.items():
+        if name in cls.OPERATIONAL:
+            continue
+        sections = _section_types(field.annotation)
+        if not any(_has_operational(s) for s in sections):
+            keys.append(prefix + name)
+        elif len(sections) == 1 and type(None) not in _flat_types(field.annotation):
+            keys += result_keys(sections[0], f"{prefix}{name}.")
+        else:  # an optional section may be null in params.yaml: DVC could not find its keys
+            raise TypeError(f"{cls.__name__}.{name}: an optional section with operational fields cannot be listed "
+                            "key by key in dvc.yaml; make the section required or move those fields out")
+    return keys
+
+
 class ModelConfig(Strict):
     """The base diffusion model (the policy's frozen backbone and the reference)."""
 
@@ -56,6 +96,8 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int | None = Field(default=None, gt=0)  # None: the UNet's native sample size
     local_files_only: bool = False
+
+    OPERATIONAL = Strict.OPERATIONAL | {"local_files_only"}
 
 
 class SamplingConfig(Strict):
@@ -72,6 +114,8 @@ class RolloutConfig(SamplingConfig):
     # Images decoded and scored per call: bounds the decoder's transient memory (SD-1.5 at 512 px
     # decodes about 1 GiB of activations per image in fp16).
     decode_batch_size: int = Field(default=64, ge=1)
+
+    OPERATIONAL = SamplingConfig.OPERATIONAL | {"decode_batch_size"}
 
 
 class SamplerConfig(RolloutConfig):
@@ -136,6 +180,10 @@ class TrainConfig(Strict):
     # A LoRA weight beyond this means training diverged (trained SPO LoRAs stay below 1; lr=100 gives
     # 256): the round is not checkpointed and training stops. None turns the check off.
     max_lora_weight: float | None = Field(default=20.0, gt=0)
+
+    # Memory and safety switches: gradient checkpointing recomputes the same activations; the weight
+    # check only stops a diverged run.
+    OPERATIONAL = Strict.OPERATIONAL | {"gradient_checkpointing", "max_lora_weight"}
 
 
 class ScorerConfig(Strict):

@@ -216,3 +216,66 @@ def test_an_online_trainer_without_a_scorer_is_refused(tmp_path):
 def test_inf_and_nan_are_refused(override, key):
     with pytest.raises(ConfigError, match=rf"  - {key}: Input should be a finite number"):
         load_spo_config("tiny", [override])
+
+
+# ----------------------------------------------------------------------------------------------
+# dvc.yaml's params: the keys that change a stage's results, never the operational ones
+
+
+def _dvc_stages() -> dict:
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+
+
+def _leaves(cls, prefix: str = "", operational: bool = False):
+    """(dotted key, operational?) for every field of ``cls``, descending into sub-sections."""
+    from spo_core.config import _section_types
+
+    for name, field in cls.model_fields.items():
+        op = operational or name in cls.OPERATIONAL
+        subs = _section_types(field.annotation)
+        if subs:
+            yield from _leaves(subs[0], f"{prefix}{name}.", op)
+        else:
+            yield prefix + name, op
+
+
+# What the brief calls operational: where and how a stage runs, how often it checkpoints or logs.
+ALWAYS_OPERATIONAL = {"device", "num_threads", "launch", "checkpoint_every", "keep_checkpoints", "log_every", "resume",
+                      "output_dir", "checkpoint_dir", "gradient_checkpointing", "decode_batch_size"}
+
+
+@pytest.mark.parametrize("stage", sorted(_dvc_stages()))
+def test_dvc_params_cover_every_result_key_and_no_operational_one(stage):
+    from spo_core.ablation import stage_entry
+    from spo_core.config import result_keys
+
+    cls, _ = stage_entry(stage)
+    listed = ["" if k == stage else k.removeprefix(f"{stage}.") for k in _dvc_stages()[stage]["params"]]
+    leaves = dict(_leaves(cls))
+    covers = lambda key, leaf: key == "" or leaf == key or leaf.startswith(key + ".")  # noqa: E731 ("": the section)
+    for key in listed:
+        assert any(covers(key, leaf) for leaf in leaves), f"dvc.yaml {stage}: '{key}' is no key of {cls.__name__}"
+    uncovered = [leaf for leaf, op in leaves.items() if not op and not any(covers(k, leaf) for k in listed)]
+    assert not uncovered, f"dvc.yaml {stage}: params omit result keys {uncovered}"
+    operational = [leaf for leaf, op in leaves.items() if op and any(covers(k, leaf) for k in listed)]
+    assert not operational, f"dvc.yaml {stage}: params list operational keys {operational} (a change would rerun it)"
+    assert not [leaf for leaf, op in leaves.items() if leaf.rsplit(".", 1)[-1] in ALWAYS_OPERATIONAL and not op]
+    # Whole sub-sections where they hold no operational key: the list stays short and complete.
+    assert listed == result_keys(cls), f"dvc.yaml {stage}: write params as {[f'{stage}.{k}' for k in result_keys(cls)]}"
+
+
+def test_result_keys_descend_only_into_sections_with_operational_keys():
+    from spo_core.config import result_keys
+    from spo_core.preference.config import TrainPMConfig
+
+    keys = result_keys(SPOConfig)
+    assert "lora" in keys and "loss" in keys and "monitor" in keys  # whole sections
+    assert "train.rounds" in keys and "train" not in keys and "train.checkpoint_every" not in keys
+    assert "sampler.k" in keys and "sampler.decode_batch_size" not in keys
+    assert "model.pretrained" in keys and "model.local_files_only" not in keys
+    assert not {"device", "launch"} & set(keys)
+    pm = result_keys(TrainPMConfig)
+    assert "batch_size" in pm and "mixed_precision" in pm
+    assert not {"checkpoint_every", "resume", "eval_every", "gradient_checkpointing", "device"} & set(pm)

@@ -228,16 +228,18 @@ def test_stage_flow_runs_one_stage_skips_it_when_up_to_date_and_forces_it(prefec
         stage(stage="zz", repo=str(toy_repo))
 
 
-def test_install_params_copies_a_profile_or_file_over_params_yaml(tmp_path):
+def test_install_params_writes_a_profile_or_file_over_params_yaml(tmp_path):
     from flows.spo import install_params
-    from spo_core.config import PROFILE_DIR, ConfigError
+    from spo_core.config import ConfigError
+    from spo_core.params_file import params_text
 
     install_params("tiny", tmp_path)
-    assert (tmp_path / "params.yaml").read_bytes() == (PROFILE_DIR / "tiny.yaml").read_bytes()
+    assert (tmp_path / "params.yaml").read_text() == params_text("tiny")  # as `spo params tiny` writes it
     own = tmp_path / "mine.yaml"
-    own.write_text("train_spo: {}\n")
+    own.write_text("other: {a: 1}\n")
     install_params(str(own), tmp_path)
-    assert (tmp_path / "params.yaml").read_text() == "train_spo: {}\n"
+    mine = (tmp_path / "params.yaml").read_text()
+    assert yaml.safe_load(mine) == {"other": {"a": 1}}
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         install_params("nope", tmp_path)
-    assert (tmp_path / "params.yaml").read_text() == "train_spo: {}\n"  # untouched after an error
+    assert (tmp_path / "params.yaml").read_text() == mine  # untouched after an error

@@ -68,6 +68,20 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
     # Nothing to do on a second repro: every stage is cached.
     out = _sh(["dvc", "status"], repo, env)
     assert "changed" not in out
+    # dvc.yaml's params list only keys that change results: DVC itself ignores operational ones.
+    clean = (repo / "params.yaml").read_text()
+    edited = yaml.safe_load(clean)
+    edited["train_spo"]["device"] = "cuda"
+    edited["train_spo"]["train"]["checkpoint_every"] = 7
+    edited["train_pm"]["log_every"] = 3
+    edited["toy_pretrain"]["num_threads"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    assert "changed" not in _sh(["dvc", "status"], repo, env)
+    edited["toy_pretrain"]["lr"] = 0.001
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    out = _sh(["dvc", "status", "toy_pretrain"], repo, env)
+    assert "modified:           toy_pretrain.lr" in out, out
+    (repo / "params.yaml").write_text(clean)
     # A variant as a DVC experiment: only the stages whose params changed (and what follows) rerun.
     out = _sh(["dvc", "exp", "run", "-S", "train_spo.sampler.k=3", "-n", "k3"], repo, env)
     assert "Running stage 'train_spo'" in out and "Running stage 'evaluate'" in out

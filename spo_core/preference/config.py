@@ -56,6 +56,11 @@ class NoisyPairsConfig(Strict):
     # DataLoader workers that read and decode the source images (0: in the main process). Results
     # do not depend on it.
     num_workers: int = Field(default=2, ge=0)
+    # stored: build the training x0 estimates here, in resumable shards (~301 KB per pair at 224 px);
+    # on_the_fly: store nothing and let train_pm compute them per batch (the reference code's way:
+    # no disk, but one guided UNet + VAE call per pair and epoch, and the base model in train_pm).
+    # The evaluation set is stored either way.
+    train_pairs: Literal["stored", "on_the_fly"] = "stored"
 
     @field_validator("eval_timesteps")
     @classmethod
@@ -97,6 +102,9 @@ class TrainPMConfig(Strict):
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
+
+    # Memory switch (same gradients) and the in-training evaluation, which only draws MLflow curves.
+    OPERATIONAL = Strict.OPERATIONAL | {"gradient_checkpointing", "eval_every", "eval_batch_size"}
 
     @model_validator(mode="after")
     def _check(self) -> "TrainPMConfig":
