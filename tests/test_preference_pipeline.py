@@ -327,3 +327,32 @@ def test_stages_end_to_end_on_tiny_sd15(prefs, clip_dir, tmp_path):
     direct = scorer.score(batch["image_0"].float() / 255, batch["caption"], batch["timestep"])
     torch.testing.assert_close(direct, s0, rtol=0, atol=1e-5)
     assert build_scorer("pickscore", path=str(tmp_path / "pm" / "agnostic")).score(torch.rand(1, 3, 16, 16), ["x"]).shape == (1,)
+
+
+def test_on_the_fly_pairs_match_the_stored_set_and_train(policy, prefs, clip_dir, tmp_path):
+    """train_pairs: on_the_fly stores no shards; train_pm computes the same entries per batch."""
+    from torch.utils.data import default_collate
+
+    from spo_core.preference.noisy_pairs import OnTheFlyPairs, open_pairs, write_on_the_fly_set
+
+    src, df, _ = _load(prefs)
+    settings = BuildSettings(image_size=16, batch_size=4, shard_size=5, seed=7)
+    plan = train_plan(len(df), repeats=2)
+    info = {"data": str(prefs), "split": "train"}
+    build_noisy_pairs(policy, src, df, tmp_path / "stored" / "train", plan, settings, source_info=info)
+    write_on_the_fly_set(policy, ModelConfig(pretrained="tiny:sd15", kind="sd15"), df, tmp_path / "otf" / "train",
+                         plan, settings, info, src.files)
+    assert not list((tmp_path / "otf" / "train").glob("shard-*"))
+    stored, otf = open_pairs(tmp_path / "stored" / "train"), open_pairs(tmp_path / "otf" / "train")
+    assert isinstance(otf, OnTheFlyPairs) and isinstance(stored, NoisyPairs) and len(otf) == len(stored) == 28
+    ks = [0, 3, 9, 27]  # another UNet batch composition than the stored build's
+    got = otf.finish(default_collate([otf[k] for k in ks]), "cpu")
+    for j, k in enumerate(ks):
+        item = stored[k]
+        assert int(got["timestep"][j]) == int(item["timestep"]) and got["caption"][j] == item["caption"]
+        assert torch.equal(got["label"][j], item["label"])
+        for key in ("image_0", "image_1"):
+            assert (got[key][j].int() - item[key].int()).abs().max() <= 1, (k, key)
+    metrics = run_train_pm(_cfg(clip_dir, tmp_path / "otf", tmp_path / "pm", variants=["agnostic"], max_steps=3,
+                                batch_size=4))
+    assert metrics["steps/agnostic"] == 3 and metrics["train_pairs"] == 28

@@ -489,6 +489,17 @@ def _stored_counts(out: Path, num_shards: int) -> tuple[int, list[dict[str, Any]
     return stored, skipped
 
 
+def _fingerprint(policy, df: pd.DataFrame, plan: EntryPlan, settings: BuildSettings) -> tuple[dict[str, Any], list[str]]:
+    """What a set's content depends on: settings, data (content digest), model; and the block digests."""
+    digest, blocks = _frame_digest(df)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "salt": plan.salt,
+        "data_digest": digest, "num_rows": len(df),
+        "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
+                  "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
+    }, blocks
+
+
 def build_noisy_pairs(policy, source: PreferenceSource, df: pd.DataFrame, out_dir: str | os.PathLike, plan: EntryPlan,
                       settings: BuildSettings, source_info: dict[str, Any] | None = None,
                       num_workers: int = 0) -> BuildStats:
@@ -503,20 +514,16 @@ def build_noisy_pairs(policy, source: PreferenceSource, df: pd.DataFrame, out_di
     rank, world = _world()
     out = Path(out_dir)
     size = settings.image_size or policy.resolution
-    digest, blocks = _frame_digest(df)
-    fingerprint = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "salt": plan.salt,
-        "data_digest": digest, "num_rows": len(df),
-        "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
-                  "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
-    }
+    fingerprint, blocks = _fingerprint(policy, df, plan, settings)
     n = len(plan)
     num_shards = math.ceil(n / settings.shard_size)
     # The source is recorded but not fingerprinted: the same data under another path may resume.
     manifest = {"fingerprint": fingerprint, "data_blocks": blocks, "source": source_info or {}, "num_pairs": n,
                 "num_shards": num_shards, "image_size": size, "shard_size": settings.shard_size, "complete": False}
     old = _read_manifest(out)
-    older_format = old is not None and (old.get("fingerprint") or {}).get("format_version") != FORMAT_VERSION
+    # An older format, or a set computed on the fly (no shards), holds nothing worth keeping.
+    older_format = old is not None and ((old.get("fingerprint") or {}).get("format_version") != FORMAT_VERSION
+                                        or "on_the_fly" in old)
     if old is not None and not older_format and old.get("fingerprint") != fingerprint:
         raise NoisyPairsError(_mismatch(out, old, fingerprint, blocks, df, source))
     if rank == 0:
@@ -653,6 +660,116 @@ class NoisyPairs(Dataset):
         return sorted(set(self.timesteps.tolist()))
 
 
+class OnTheFlyPairs(Dataset):
+    """A noisy-pair set computed while training, as the reference code does: no shards on disk.
+
+    Items (read in DataLoader workers) are the decoded clean images with the entry's t and noise;
+    :meth:`finish` turns a collated batch into what :class:`NoisyPairs` yields (uint8 x0-estimate
+    images) with one guided call of the frozen base model, loaded once per process. Entry k draws
+    the t and noise the stored build would draw, so the inputs match a stored set up to the
+    floating-point effect of other UNet batch compositions (at most one 8-bit level in tests).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = _read_manifest(self.path)
+        if manifest is None or "on_the_fly" not in manifest:
+            raise NoisyPairsError(f"{self.path} is not an on-the-fly noisy-pair set. Fix: run noisy_pairs with "
+                                  "train_pairs: on_the_fly")
+        self.manifest = manifest
+        spec = manifest["on_the_fly"]
+        fp = manifest["fingerprint"]
+        self.settings = BuildSettings(**fp["settings"])
+        self.image_size = int(manifest["image_size"])
+        index = pd.read_parquet(self.path / ON_THE_FLY_INDEX)
+        self.file_id, self.source_row = index["file_id"].to_numpy(), index["source_row"].to_numpy()
+        self.row_captions = index["caption"].tolist()
+        self.row_labels = index[["label_0", "label_1"]].to_numpy(dtype=np.float32)
+        self.pair_index, self.plan_timestep = np.load(self.path / "plan.npy")
+        self.salt, self.model_cfg = int(spec["salt"]), spec["model"]
+        self.resolution = int(fp["model"]["resolution"])
+        self.source = PreferenceSource.open(manifest["source"]["data"], manifest["source"].get("split", "train"))
+        if list(self.source.files) != list(spec["files"]):
+            raise NoisyPairsError(f"the source of {self.path} ({manifest['source']['data']}) now has other files than "
+                                  "when the set was made. Fix: rerun noisy_pairs")
+        self.captions = [self.row_captions[r] for r in self.pair_index]
+        self.labels = torch.from_numpy(self.row_labels[self.pair_index])
+        self._fetch: tuple[int, RowFetcher] | None = None
+        self._policy = None
+
+    def __len__(self) -> int:
+        return len(self.pair_index)
+
+    def __getstate__(self) -> dict:  # workers open their own reader; the model stays in the main process
+        return {**self.__dict__, "_fetch": None, "_policy": None}
+
+    def _fetcher(self) -> RowFetcher:
+        if self._fetch is None or self._fetch[0] != os.getpid():
+            import pickle
+
+            self._fetch = (os.getpid(), RowFetcher(pickle.loads(pickle.dumps(self.source.backend))))
+        return self._fetch[1]
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        r = int(self.pair_index[k])
+        (b0, b1), = self._fetcher().images([self.file_id[r]], [self.source_row[r]])
+        where = f"file {self.source.files[self.file_id[r]]}, row {int(self.source_row[r])}"
+        clean0 = to_square(decode_image(b0, where)[None], self.resolution)[0]
+        clean1 = to_square(decode_image(b1, where)[None], self.resolution)[0]
+        return {"clean_0": clean0, "clean_1": clean1, "entry": torch.tensor(int(k)), "label": self.labels[k],
+                "caption": self.captions[k]}
+
+    def finish(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """The batch's x0-estimate images (uint8) and timesteps, computed now."""
+        if self._policy is None:
+            from ..config import ModelConfig
+            from ..models.diffusion import load_policy
+
+            self._policy = load_policy(ModelConfig(**self.model_cfg), device=torch.device(device))
+            self._policy.unet.requires_grad_(False)
+        policy, st = self._policy, self.settings
+        draws = [draw_entry(st.seed, self.salt, int(k), int(self.plan_timestep[int(k)]), policy.latent_shape,
+                            st.num_train_timesteps) for k in batch["entry"]]
+        t = torch.tensor([d[0] for d in draws], dtype=torch.long)
+        noise = torch.stack([d[1] for d in draws])
+        est0, est1 = estimate_x0_images(policy, batch["clean_0"], batch["clean_1"], list(batch["caption"]), t, noise,
+                                        st.guidance_scale)
+        return {"image_0": to_uint8(to_square(est0, self.image_size)), "image_1": to_uint8(to_square(est1, self.image_size)),
+                "timestep": t, "label": batch["label"], "caption": batch["caption"]}
+
+
+def open_pairs(path: str | os.PathLike) -> NoisyPairs | OnTheFlyPairs:
+    """A noisy-pair set as written by the stage: stored shards, or computed on the fly."""
+    manifest = _read_manifest(Path(path))
+    return OnTheFlyPairs(path) if manifest is not None and "on_the_fly" in manifest else NoisyPairs(path)
+
+
+ON_THE_FLY_INDEX = "index.parquet"
+
+
+def write_on_the_fly_set(policy, model_cfg, df: pd.DataFrame, out_dir: str | os.PathLike, plan: EntryPlan,
+                         settings: BuildSettings, source_info: dict[str, Any], files: list[str]) -> int:
+    """Record what :class:`OnTheFlyPairs` needs to compute ``plan``'s entries during training.
+
+    Nothing is denoised here: the folder holds the manifest (fingerprint, model, source, plan) and
+    the index of the rows used (captions, labels, file and row; no images). Returns its entries.
+    """
+    fingerprint, blocks = _fingerprint(policy, df, plan, settings)
+    fingerprint["on_the_fly"] = True
+    if _world()[0] != 0:
+        return len(plan)
+    with atomic_dir(out_dir, defer=False) as tmp:
+        pd.DataFrame({"file_id": df["file_id"].to_numpy(), "source_row": df["source_row"].to_numpy(),
+                      "caption": df["caption"].astype(str).to_numpy(), "label_0": df["label_0"].to_numpy(),
+                      "label_1": df["label_1"].to_numpy()}).to_parquet(tmp / ON_THE_FLY_INDEX, index=False)
+        np.save(tmp / "plan.npy", np.stack([plan.pair_index, plan.timestep]))
+        _write_manifest(tmp, {"fingerprint": fingerprint, "data_blocks": blocks, "source": source_info,
+                              "num_pairs": len(plan), "image_size": settings.image_size or policy.resolution,
+                              "complete": True, "on_the_fly": {"model": model_cfg.model_dump(mode="json"),
+                                                               "files": files, "salt": plan.salt}})
+    return len(plan)
+
+
 # ----------------------------------------------------------------------------------------------
 # The stage
 
@@ -710,9 +827,15 @@ def run_noisy_pairs(cfg) -> dict[str, float]:
     settings = BuildSettings(image_size=cfg.image_size, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
                              shard_size=cfg.shard_size, seed=cfg.seed, num_train_timesteps=cfg.num_train_timesteps)
     out = Path(cfg.output_dir)
-    train = build_noisy_pairs(policy, source, train_df, out / "train",
-                              train_plan(len(train_df), cfg.repeats, cfg.max_pairs), settings,
-                              source_info={"data": cfg.data, "split": cfg.split}, num_workers=cfg.num_workers)
+    plan = train_plan(len(train_df), cfg.repeats, cfg.max_pairs)
+    info = {"data": cfg.data, "split": cfg.split}
+    if cfg.train_pairs == "on_the_fly":
+        n = write_on_the_fly_set(policy, cfg.model, train_df, out / "train", plan, settings, info, source.files)
+        train = BuildStats(n, 0, 0, 0, 0.0, n, 0)
+        log.info("%s/train: %d entries recorded; train_pm computes them on the fly", out, n)
+    else:
+        train = build_noisy_pairs(policy, source, train_df, out / "train", plan, settings, source_info=info,
+                                  num_workers=cfg.num_workers)
     metrics: dict[str, float] = {
         "pairs_total": train.pairs_total,
         "pairs_written": train.pairs_written,

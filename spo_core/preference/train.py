@@ -33,7 +33,7 @@ from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrain
 from ..checkpoints import CheckpointStore, fingerprint
 from ..utils import atomic_dir, atomic_file, resolve_device, staged
 from .config import TrainPMConfig
-from .noisy_pairs import NoisyPairs
+from .noisy_pairs import NoisyPairs, OnTheFlyPairs, open_pairs
 from .time_clip import TimeConditionedCLIP, write_processor
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,8 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
+            if isinstance(train_set, OnTheFlyPairs):  # noisy_pairs.train_pairs: on_the_fly
+                batch = train_set.finish(batch, accelerator.device)
             with accelerator.accumulate(model):
                 b = batch["image_0"].shape[0]
                 pix = inputs.pixels(torch.cat([batch["image_0"], batch["image_1"]]).to(accelerator.device))
@@ -325,7 +327,7 @@ def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     data = Path(cfg.data_dir)
-    train_set = NoisyPairs(data / "train")
+    train_set = open_pairs(data / "train")
     eval_set = NoisyPairs(data / "eval") if (data / "eval" / "manifest.json").is_file() else None
     if eval_set is None:
         log.warning("%s has no eval/ set: no accuracy table (build one with noisy_pairs eval_pairs > 0)", data)
