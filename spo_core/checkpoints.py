@@ -14,6 +14,13 @@ Resuming compares the saved configuration with the current one. Keys that shape 
 match, and a refusal names each differing key with both values and lists the keys that may change
 (e.g. the number of rounds, the learning rate: a diverged run continues from its last good
 checkpoint with a lower ``optim.lr``, which the optimiser then follows).
+
+Stages that resume by default from a folder outside DVC's outputs (toy pretraining, the preference
+model) key their checkpoints by configuration instead (:meth:`CheckpointStore.for_run`):
+``<root>/<fingerprint>/step-N/``. An identical configuration resumes its own checkpoints, a changed
+one (``dvc exp run -S toy_pretrain.lr=...``) starts fresh in a folder of its own, and once a run
+completes the other configurations' folders under ``<root>`` are removed (:meth:`prune_other_runs`),
+so old checkpoints never pile up.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +93,9 @@ class Checkpoint:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+_FINGERPRINT_DIR = re.compile(r"^[0-9a-f]{16}$")
+
+
 class CheckpointStore:
     """Folders ``<prefix>-NNNNNNNN`` under ``root``, written atomically; keeps the last ``keep``."""
 
@@ -92,6 +103,30 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep = keep
         self.prefix = prefix
+        self.runs_root: Path | None = None  # set by for_run: the folder holding every configuration's
+
+    @classmethod
+    def for_run(cls, root: str | Path, config: dict[str, Any], may_change: Iterable[str] = (), keep: int = 2,
+                prefix: str = "step") -> "CheckpointStore":
+        """The checkpoints of one configuration: ``<root>/<fingerprint of config>/``. The same
+        configuration finds (and resumes) them again; a changed one gets an empty folder of its own."""
+        store = cls(Path(root) / fingerprint(config, may_change), keep, prefix)
+        store.runs_root = Path(root)
+        return store
+
+    def prune_other_runs(self) -> list[Path]:
+        """Remove the checkpoints of every other configuration under :meth:`for_run`'s root (called
+        when this run has completed: they could only resume runs that are no longer the current one),
+        including those of the layout before configurations had folders (``<root>/<prefix>-N``)."""
+        if self.runs_root is None or not self.runs_root.is_dir():
+            return []
+        old = [p for p in self.runs_root.iterdir() if p.is_dir() and p != self.root and (
+            _FINGERPRINT_DIR.match(p.name) or (p.name.startswith(f"{self.prefix}-") and (p / MANIFEST).is_file()))]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        if old:
+            log.info("removed the checkpoints of %d other configuration(s) under %s", len(old), self.runs_root)
+        return old
 
     def list(self) -> list[Path]:
         if not self.root.exists():

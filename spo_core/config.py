@@ -8,6 +8,7 @@ with dotted ``key=value`` strings (``sampler.k=8``). Unknown keys and bad values
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from pathlib import Path
@@ -301,6 +302,25 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars, as DVC reads and writes params.yaml (ruamel): PyYAML's YAML 1.1 reads `no`,
+    `off`, `yes`, `on` as booleans and `1e-08` as text, and `dvc exp run -S` rewrites
+    `mixed_precision: 'no'` without its quotes."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL] for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a profile, params.yaml or an override value (YAML 1.2 scalars, as DVC)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
@@ -319,7 +339,7 @@ def read_profile(profile: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a folder: give a YAML file or a profile name")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not a text file (not UTF-8): give a YAML file or a profile name") from None
     except yaml.YAMLError as exc:
@@ -346,7 +366,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
             node = nxt
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({str(exc).splitlines()[0]}); quote "
                               f"text values, e.g. {key}='\"...\"'") from None

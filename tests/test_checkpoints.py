@@ -95,3 +95,22 @@ def test_a_run_in_which_every_pair_is_filtered_fails(tmp_path):
         train_rounds(policy, SPOMethod(sampler, SPOLossConfig(), BrightnessScorer()), ["a cat", "a dog"],
                      LoraConfig(rank=2), OptimConfig(), train, device="cpu")
     assert not (tmp_path / "run" / "lora").exists()
+
+
+def test_stores_keyed_by_configuration_resume_their_own_and_prune_the_others(tmp_path):
+    root = tmp_path / "ck"
+    (root / "step-000005").mkdir(parents=True)  # the layout before configurations had folders
+    (root / "step-000005" / "manifest.json").write_text("{}")
+    (root / "notes").mkdir()  # not a checkpoint folder: left alone
+    a, b = {"lr": 1e-3, "seed": 0}, {"lr": 5e-4, "seed": 0}
+    store_a = CheckpointStore.for_run(root, a)
+    store_a.save(3, {"model": {"w": torch.ones(2)}}, {}, a)
+    # A changed configuration sees no checkpoint (it starts fresh: no refusal) ...
+    store_b = CheckpointStore.for_run(root, b)
+    assert store_b.root != store_a.root and store_b.resume(b) is None
+    # ... and the same one resumes its own.
+    assert CheckpointStore.for_run(root, dict(a)).resume(a).step == 3
+    store_b.save(1, {"model": {"w": torch.zeros(2)}}, {}, b)
+    assert sorted(p.name for p in store_b.prune_other_runs()) == sorted([store_a.root.name, "step-000005"])
+    assert sorted(p.name for p in root.iterdir()) == sorted([store_b.root.name, "notes"])
+    assert store_b.resume(b).step == 1

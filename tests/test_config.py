@@ -279,3 +279,20 @@ def test_result_keys_descend_only_into_sections_with_operational_keys():
     pm = result_keys(TrainPMConfig)
     assert "batch_size" in pm and "mixed_precision" in pm
     assert not {"checkpoint_every", "resume", "eval_every", "gradient_checkpointing", "device"} & set(pm)
+
+
+def test_params_read_as_dvc_writes_them(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml as YAML 1.2 (ruamel): `mixed_precision: 'no'` loses its
+    # quotes, which YAML 1.1 (PyYAML) read as false and the trainer refused. Read YAML 1.2 scalars too.
+    path = _write(tmp_path, """
+        train_spo:
+          model: {pretrained: "tiny:sd15"}
+          scorer: {name: brightness}
+          prompts: {prompts: [a]}
+          train: {mixed_precision: no, save_merged: true}
+          optim: {lr: 1e-3, adam_eps: 1.0e-08}
+        """)
+    cfg = load_spo_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.train.save_merged is True
+    assert cfg.optim.lr == 1e-3 and cfg.optim.adam_eps == 1e-8
+    assert load_spo_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"

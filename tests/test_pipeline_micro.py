@@ -87,6 +87,14 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path):
     assert "Running stage 'train_spo'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'toy_pretrain'" not in out
     assert "k3" in _sh(["dvc", "exp", "show", "--csv"], repo, env)
+    # toy_pretrain resumes by default from checkpoints outside DVC's outputs; a changed configuration
+    # starts fresh in a checkpoint folder of its own (it used to refuse the old run's checkpoints and
+    # fail), and the old configuration's checkpoints are removed once it completes.
+    out = _sh(["dvc", "exp", "run", "-S", "toy_pretrain.lr=0.001", "-n", "lr1e-3", "toy_pretrain"], repo, env)
+    assert "Running stage 'toy_pretrain'" in out and "Running stage 'toy_prefs'" not in out
+    details = json.loads((repo / "artifacts/toy/base/metrics.json").read_text())
+    assert details["resumed_from_step"] == 0 and details["steps_run"] == 20
+    assert len(list((repo / "artifacts/toy/checkpoints/base").iterdir())) == 1
 
     # A stage that fails under DVC keeps its previous outputs and metrics (DVC used to delete them
     # before running it), and says why in one line.

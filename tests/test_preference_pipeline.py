@@ -269,7 +269,8 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
     cfg = _cfg(clip_dir, data, tmp_path / "pm", variants=["aware"], max_steps=4, checkpoint_every=2, batch_size=8,
                gradient_accumulation_steps=2, lr_scheduler="linear", warmup_steps=1, keep_checkpoints=3)
     run_train_pm(cfg)
-    ckpts = tmp_path / "pm" / "checkpoints" / "aware"
+    (fp_dir,) = (tmp_path / "pm" / "checkpoints" / "aware").iterdir()  # one folder per configuration
+    ckpts = fp_dir
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     straight = TimeConditionedCLIP.from_pretrained(tmp_path / "pm" / "aware").state_dict()
     # Simulate a crash after step 2: the last checkpoint and the output are gone.
@@ -283,11 +284,13 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
-    # A finished model is not retrained; other settings are refused rather than resumed.
+    # A finished model is not retrained; other settings start fresh (a DVC experiment with another
+    # seed) in a checkpoint folder of their own, which replaces the old one once it completes.
     assert run_train_pm(cfg)["train_s/aware"] == 0.0
-    shutil.rmtree(tmp_path / "pm" / "aware")
-    with pytest.raises(RuntimeError, match=r"configuration differs in seed: 0 -> 5"):
-        run_train_pm(cfg.model_copy(update={"seed": 5}))
+    other = run_train_pm(cfg.model_copy(update={"seed": 5}))
+    assert other["resumed_from/aware"] == 0 and other["steps/aware"] == 4
+    left = [p.name for p in (tmp_path / "pm" / "checkpoints" / "aware").iterdir()]
+    assert len(left) == 1 and left != [fp_dir.name]
 
 
 # ------------------------------------------------------------------------------ stages end to end

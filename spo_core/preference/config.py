@@ -82,7 +82,9 @@ class TrainPMConfig(Strict):
     processor: str | None = None
     data_dir: str = "artifacts/pm_data"  # the noisy_pairs output (train/ and eval/)
     output_dir: str = "artifacts/pm"  # one model directory per trained variant + accuracy.md
-    checkpoint_dir: str | None = None  # None: <output_dir>/checkpoints
+    # None: <output_dir>/checkpoints. Inside: <variant>/<fingerprint of the configuration>/step-N, so
+    # a changed configuration starts fresh and the same one resumes (see spo_core.checkpoints).
+    checkpoint_dir: str | None = None
     variants: list[Variant] = Field(default_factory=lambda: ["plain", "agnostic", "aware"])
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-6, weight_decay=0.3, max_grad_norm=1.0))
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"

@@ -192,7 +192,8 @@ def train_variant(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set:
             log.info("%s: finished model in %s matches the config; not retraining", variant, out_dir)
             return {"steps": float(state["step"]), "final_loss": float(state.get("final_loss", float("nan"))),
                     "train_s": 0.0, "resumed_from": float(state["step"])}
-    store = CheckpointStore(ckpt_root, keep=cfg.keep_checkpoints)
+    # One folder per configuration: a changed one (a DVC experiment) starts fresh, the same one resumes.
+    store = CheckpointStore.for_run(ckpt_root, config, keep=cfg.keep_checkpoints)
     if not cfg.resume and accelerator.is_main_process:
         store.clear()
     try:
@@ -300,6 +301,7 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
             inputs.save(tmp)
             (tmp / STATE_FILE).write_text(json.dumps({"variant": variant, "step": step, "fingerprint": fingerprint(config),
                                                       "final_loss": final_loss}, indent=2) + "\n")
+        store.prune_other_runs()  # this configuration is complete: other configurations' checkpoints go
     trained = step - resumed_from
     return {"steps": float(step), "final_loss": final_loss, "train_s": seconds,
             "s_per_step": seconds / trained if trained else 0.0, "resumed_from": float(resumed_from)}

@@ -184,8 +184,10 @@ class ToyPretrainConfig(ToyStage):
 
     world_dir: str = "artifacts/toy/world"
     output_dir: str = "artifacts/toy/base"
+    # Outside the DVC output: one folder per configuration (its fingerprint) inside, so that a run
+    # killed under `dvc repro` resumes, and a changed configuration starts fresh.
     checkpoint_dir: str = "artifacts/toy/checkpoints/base"
-    resume: bool = True
+    resume: bool = True  # continue this configuration's checkpoints (false: start over)
     seed: int = 0
     # ~10 minutes at the 0.78-0.8 s/step measured on 2 lightly loaded cores (benchmarks/toy_pretrain.py).
     steps: int = Field(default=640, ge=1)

@@ -7,7 +7,10 @@ Wrong captions never use a held-out colour x shape pair, so validation stays uns
 
 Every step's data and noise come from generators seeded with (seed, step), so a run resumed from a
 checkpoint (weights + optimiser + lr schedule, written atomically every ``checkpoint_every``
-steps) ends with exactly the weights of an uninterrupted run.
+steps) ends with exactly the weights of an uninterrupted run. Checkpoints live in
+``checkpoint_dir/<fingerprint of the run's configuration>/``: a changed configuration (``dvc exp
+run -S toy_pretrain.lr=...``) starts fresh instead of meeting the old run's checkpoints, and once a
+run completes the other configurations' checkpoints are removed.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     config = run_config(cfg, wcfg)
-    store = CheckpointStore(cfg.checkpoint_dir, keep=1)
+    store = CheckpointStore.for_run(cfg.checkpoint_dir, config, keep=1)
     start, losses = 0, []
     if cfg.resume:
         start, losses = load_checkpoint(store, policy, opt, sched, config)
@@ -165,6 +168,7 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
                 on_log(done, mean)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(store, policy, opt, sched, done, config, losses)
+    store.prune_other_runs()  # this configuration is complete: other configurations' checkpoints go
     seconds = time.perf_counter() - t0
     for m in (unet, text):
         m.requires_grad_(False).eval()
