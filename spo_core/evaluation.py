@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import SamplingConfig, ScorerConfig
 from .models.diffusion import DiffusionPolicy
-from .models.lora import adapters_disabled, load_lora
+from .models.lora import adapters_disabled, hub_lora_id, load_lora, resolve_lora
 from .utils import atomic_path
 from .reporting import image_grid, markdown_table, save_png_atomic, write_text_atomic
 from .sampling import sample_images
@@ -118,13 +118,16 @@ def producing_stage(name: str, path: str | Path) -> str:
 
 
 def model_specs(loras: Mapping[str, str | Path], scale: float = 1.0) -> list[ModelSpec]:
-    """``[base, *loras]`` after checking every LoRA path exists (before any expensive work)."""
+    """``[base, *loras]`` after checking every LoRA path exists or, for hub ids, downloading it (before any
+    expensive work)."""
     specs = [ModelSpec(BASE)]
     for name, path in loras.items():
         check_name(name, "LoRA name")
         if name == BASE:
             raise EvaluationError(f"a LoRA may not be named '{BASE}' (the model without LoRA has that name): rename it")
         p = Path(path).expanduser()
+        if not p.exists() and hub_lora_id(path) is not None:
+            p = resolve_lora(path)  # a hub id: downloaded (or taken from the cache) now, or one clear error
         if not p.exists():
             stage = producing_stage(name, path)
             raise EvaluationError(

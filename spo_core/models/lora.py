@@ -3,12 +3,17 @@
 The reference model is the same UNet with the adapter disabled, so no second UNet is held in
 memory. Saved LoRAs are in the diffusers format that ``StableDiffusionPipeline.load_lora_weights``
 (and the SDXL pipeline) read; a kohya / webui export is written beside them.
+
+Loading takes our directories, diffusers files, kohya/webui files (also SDXL ones with the SGM block
+names ``input_blocks``/``middle_block``/``output_blocks``, mapped by diffusers' own converter given
+the UNet config) and hub ids ``owner/name`` or ``owner/name/file.safetensors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -87,9 +92,14 @@ def save_lora(policy: DiffusionPolicy, out_dir: str | Path, cfg: LoraConfig, exp
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 
     peft_sd = lora_state_dict(policy, adapter_name)
+    layers = convert_state_dict_to_diffusers(peft_sd)
+    if any(".lora_A." in k or ".lora_B." in k for k in layers):
+        # diffusers renames only attention projections (to_q.lora.down, ...); a file that mixes those with
+        # peft names (proj_in, ff, conv1 targets) loads only its peft part. Keep one naming: peft's.
+        layers = peft_sd
     with atomic_dir(out_dir) as tmp:
         _pipeline_cls(policy.kind).save_lora_weights(
-            str(tmp), unet_lora_layers=convert_state_dict_to_diffusers(peft_sd), safe_serialization=True,
+            str(tmp), unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata={"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
                                         "target_modules": list(cfg.target_modules)},
         )
@@ -101,27 +111,103 @@ def save_lora(policy: DiffusionPolicy, out_dir: str | Path, cfg: LoraConfig, exp
     return Path(out_dir)
 
 
-def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADAPTER, trainable: bool = False) -> None:
-    """Load a LoRA (our diffusers format, the released SPO LoRAs, or a kohya/webui file) into the UNet."""
-    path = Path(path)
-    if not path.exists():
-        raise LoraLoadError(f"LoRA '{path}' does not exist: pass a directory with {DIFFUSERS_WEIGHT_NAME} or a .safetensors file")
-    kwargs = {}
-    if path.is_dir():
-        names = [DIFFUSERS_WEIGHT_NAME] if (path / DIFFUSERS_WEIGHT_NAME).exists() else sorted(p.name for p in path.glob("*.safetensors"))
-        if not names:
-            raise LoraLoadError(f"no .safetensors LoRA file in '{path}'")
-        kwargs["weight_name"] = names[0]
-        src = str(path)
-    else:
-        src = str(path)
+# owner/name, optionally followed by the weight file inside the repo (which must be .safetensors, so
+# that a missing local path like artifacts/spo/lora is never mistaken for a hub file).
+_HUB_LORA = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)"
+                       r"(?:/(?P<file>[^\s]+\.safetensors))?$")
+
+
+def hub_lora_id(spec: str | Path) -> tuple[str, str | None] | None:
+    """``(repo_id, weight file or None)`` when ``spec`` has the form of a hub LoRA id, else None."""
+    m = _HUB_LORA.match(str(spec))
+    if m is None or ".." in str(spec):
+        return None
+    return m.group("repo"), m.group("file")
+
+
+def resolve_lora(spec: str | Path) -> Path:
+    """A local LoRA file or directory for ``spec``: the path itself, or a hub id downloaded (or taken
+    from the cache) through huggingface_hub. Raises :class:`LoraLoadError` with the fix otherwise."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    hub = hub_lora_id(spec)
+    if hub is None:
+        raise LoraLoadError(f"LoRA '{spec}' does not exist: pass a directory with {DIFFUSERS_WEIGHT_NAME}, a "
+                            f".safetensors file, or a hub id owner/name[/file.safetensors]")
+    return _download_lora(*hub)
+
+
+def _download_lora(repo: str, filename: str | None) -> Path:
+    import huggingface_hub as hub
+    from huggingface_hub import errors
+
     try:
-        sd, alphas, metadata = _pipeline_cls(policy.kind).lora_state_dict(src, return_lora_metadata=True, **kwargs)
+        if filename is not None:
+            return Path(hub.hf_hub_download(repo_id=repo, filename=filename))
+        try:  # the file name diffusers' save_lora_weights writes (our LoRAs and most diffusers LoRAs)
+            return Path(hub.hf_hub_download(repo_id=repo, filename=DIFFUSERS_WEIGHT_NAME))
+        except errors.EntryNotFoundError as exc:
+            if isinstance(exc, errors.LocalEntryNotFoundError):  # offline / not cached: not "absent"
+                raise
+        names = sorted(f for f in hub.list_repo_files(repo) if f.endswith(".safetensors"))
+        if len(names) != 1:
+            raise LoraLoadError(f"hub repo '{repo}' has {len(names)} .safetensors files ({', '.join(names[:5]) or 'none'}) "
+                                f"and no {DIFFUSERS_WEIGHT_NAME}: name the LoRA file, e.g. {repo}/<file>.safetensors")
+        return Path(hub.hf_hub_download(repo_id=repo, filename=names[0]))
+    except LoraLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one actionable line
+        what = f"{repo}/{filename}" if filename else repo
+        raise LoraLoadError(
+            f"LoRA '{what}' is not a local path, and as a Hugging Face hub id it could not be fetched "
+            f"({type(exc).__name__}: {_first_line(exc, 200)}). Offline or not cached: run `hf download {repo}"
+            f"{' ' + filename if filename else ''}` where there is network, or pass a local file or directory."
+        ) from exc
+
+
+def _weight_name(path: Path) -> str:
+    """The LoRA file of a directory: ours (diffusers name), else its only .safetensors file."""
+    if (path / DIFFUSERS_WEIGHT_NAME).exists():
+        return DIFFUSERS_WEIGHT_NAME
+    names = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(names) != 1:
+        raise LoraLoadError(f"{'no' if not names else len(names)} .safetensors LoRA files in '{path}'"
+                            f"{' (' + ', '.join(names[:5]) + ')' if names else ''}: pass the LoRA file itself")
+    return names[0]
+
+
+def read_lora_state_dict(kind: str, source: Path | dict[str, torch.Tensor], unet_config) -> tuple[dict, dict | None, dict | None]:
+    """(state dict in diffusers names, kohya network alphas, adapter metadata) of a local LoRA file,
+    directory or state dict, through diffusers' ``lora_state_dict`` for the ``kind`` pipeline.
+
+    ``unet_config`` lets diffusers map kohya's SGM block numbers (``input_blocks_4_1_...``) to the
+    UNet's blocks (``down_blocks_1_attentions_0_...``); LoRAs without SGM names pass unchanged.
+    """
+    kwargs = {}
+    if isinstance(source, Path) and source.is_dir():
+        kwargs["weight_name"] = _weight_name(source)
+    src = str(source) if isinstance(source, Path) else source
+    return _pipeline_cls(kind).lora_state_dict(src, return_lora_metadata=True, unet_config=unet_config, **kwargs)
+
+
+def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADAPTER, trainable: bool = False) -> None:
+    """Load a LoRA into the UNet: our directory, a diffusers or kohya/webui file (SGM block names
+    included, e.g. SDXL LoRAs from civitai), a released SPO LoRA, or a hub id (see :func:`resolve_lora`)."""
+    path = resolve_lora(path)
+    try:
+        sd, alphas, metadata = read_lora_state_dict(policy.kind, path, policy.unet.config)
+    except LoraLoadError:
+        raise
     except Exception as exc:
-        raise LoraLoadError(f"could not read LoRA '{path}': {exc}. Is it a diffusers or kohya LoRA safetensors file?") from exc
+        raise LoraLoadError(f"could not read LoRA '{path}': {_first_line(exc)}. Is it a diffusers or kohya LoRA "
+                            f"safetensors file for this {policy.kind} UNet?") from exc
     unet_sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
     if not unet_sd:
         raise LoraLoadError(f"LoRA '{path}' has no UNet weights (keys like unet.*); it may be for another model family")
+    n_text = sum(1 for k in sd if k.startswith("text_encoder"))
+    if n_text:  # webui applies these too; this project trains and loads the UNet part only
+        log.warning("LoRA '%s': %d text-encoder tensors are ignored (only the UNet part is loaded)", path, n_text)
     bad = [k for k, v in unet_sd.items() if not bool(torch.isfinite(v).all())]
     if bad:  # before any image is generated or scored: it would only give black images
         raise LoraLoadError(f"LoRA '{path}' holds NaN/inf values in {len(bad)} of {len(unet_sd)} tensors (e.g. {bad[0]}): "
@@ -131,13 +217,17 @@ def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADA
                                       metadata=metadata)
     except Exception as exc:
         raise LoraLoadError(
-            f"LoRA '{path}' does not fit this {policy.kind} UNet ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+            f"LoRA '{path}' does not fit this {policy.kind} UNet ({type(exc).__name__}: {_first_line(exc)}). "
             f"Check model.kind/model.pretrained match the model it was trained on."
         ) from exc
     _check_loaded(policy, unet_sd, path, adapter_name)
     for name, p in policy.unet.named_parameters():
         if "lora_" in name and f".{adapter_name}." in name:
             p.requires_grad_(trainable)
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
 
 
 def _check_loaded(policy: DiffusionPolicy, sd: dict[str, torch.Tensor], path: Path, adapter_name: str = ADAPTER) -> None:

@@ -314,15 +314,35 @@ class TimeConditionedCLIP(nn.Module):
 
     @classmethod
     def from_reference_checkpoint(cls, checkpoint: str | os.PathLike, base: CLIPModel | str | os.PathLike) -> "TimeConditionedCLIP":
-        """Load a step-aware model trained with the SPO reference code (``final_ckpt.bin``, a state dict
-        of its ``StepAwarePreferenceModel``) on top of the matching base CLIP (PickScore_v1)."""
+        """Load a step-aware model trained with the SPO reference code (``final_ckpt.bin``, or the released
+        ``sd-v1-5_step-aware_preference_model.bin`` / ``sdxl_...``: a state dict of its
+        ``StepAwarePreferenceModel``) on top of the matching base CLIP (PickScore_v1).
+
+        As the reference's own loader (``load_state_dict(strict=False)`` on PickScore_v1), CLIP weights the
+        checkpoint lacks keep the base's values (logged); keys that fit nowhere, tensors of another shape
+        and missing time-conditioning weights are errors. Loaded with ``torch.load(weights_only=True)``.
+        """
         sd = load_torch_state_dict(checkpoint, "SPO step-aware preference model")
-        model = cls.from_clip(base, time_conditioned=True)
         clip_sd, time_sd = convert_reference_state_dict(sd)
+        if not time_sd:
+            raise ScorerLoadError(f"{checkpoint} holds no time-conditioning weights (model.t_embedder.*, "
+                                  "...adaLN_modulation.*): it is not a step-aware model of the SPO reference code")
+        model = cls.from_clip(base, time_conditioned=True)
+        own = model.clip.state_dict()
+        # load_state_dict would raise a many-line RuntimeError for these: name the first one instead.
+        wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in clip_sd.items() if k in own and v.shape != own[k].shape]
+        if wrong:
+            k, got, want = wrong[0]
+            raise ScorerLoadError(f"{checkpoint} does not fit the base CLIP: {len(wrong)} tensors differ in shape (e.g. {k}: "
+                                  f"{got} in the checkpoint, {want} in the base); pass the CLIP it was trained from as the base")
         missing, unexpected = model.clip.load_state_dict(clip_sd, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ScorerLoadError(f"{checkpoint} does not fit the base CLIP: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        if unexpected:
+            raise ScorerLoadError(f"{checkpoint} does not fit the base CLIP: {len(unexpected)} tensors it has no place for "
+                                  f"(e.g. {unexpected[:3]}); pass the CLIP it was trained from as the base")
+        if missing:
+            log.warning("%s lacks %d of the base CLIP's %d tensors (e.g. %s): they keep the base's values, as in the "
+                        "reference code", checkpoint, len(missing), len(own), missing[:3])
         model.load_time_state_dict(time_sd, source=str(checkpoint))
         return model
 

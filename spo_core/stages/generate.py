@@ -4,6 +4,7 @@
     spo generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora artifacts/sd15/spo/lora \\
         --prompts-file prompts.txt --seed 0 --out samples/
     spo generate --model DIR --kind sdxl --vae madebyollin/sdxl-vae-fp16-fix --lora spo_sdxl.safetensors ...
+    spo generate --model stabilityai/stable-diffusion-xl-base-1.0 --kind sdxl --lora OWNER/NAME/lora.safetensors ...
 
 Sampling is the evaluation protocol (DDIM, eta 1, CFG 5, 20 steps by default) with the same seeds:
 image j of prompt p uses seed + p * num_images + j, so ``spo generate`` with the same settings
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights dtype (default float16 on GPU, float32 on CPU)")
-    p.add_argument("--lora", default=None, help="LoRA directory (ours) or .safetensors file (diffusers or kohya/webui)")
+    p.add_argument("--lora", default=None, help="LoRA directory (ours), .safetensors file (diffusers or kohya/webui, SDXL "
+                   "SGM names included) or hub id owner/name[/file.safetensors]")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA weight (0 gives the base model; default 1)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line ('#' lines skipped)")
