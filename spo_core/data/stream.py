@@ -115,6 +115,10 @@ class _Backend:
         """The group's rows as column lists, one record batch at a time."""
         ...
 
+    def reopened(self) -> "_Backend":
+        """A reader of the same data with its own file handles (for another process or worker)."""
+        return self
+
 
 class _ParquetBackend(_Backend):
     def __init__(self, files: list[Path]):
@@ -134,6 +138,11 @@ class _ParquetBackend(_Backend):
 
     def __getstate__(self) -> dict:  # file handles stay in their process (DataLoader workers open their own)
         return {"files": self.files, "has_label": self.has_label}
+
+    def reopened(self) -> "_ParquetBackend":
+        new = object.__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
 
     def __setstate__(self, state: dict) -> None:
         import pyarrow.parquet as pq
@@ -330,7 +339,8 @@ class PreferenceSource:
         return frame
 
     def fetcher(self) -> "RowFetcher":
-        return RowFetcher(self.backend)
+        """A reader of image bytes with its own file handles: make one per process or DataLoader worker."""
+        return RowFetcher(self.backend.reopened())
 
 
 class RowFetcher:

@@ -391,7 +391,7 @@ class _EntryBatches(IterableDataset):
 
     def __init__(self, source: PreferenceSource, df: pd.DataFrame, plan: EntryPlan, todo: list[tuple[int, int, int]],
                  settings: BuildSettings, resolution: int, latent_shape: tuple[int, ...]):
-        self.backend = source.backend
+        self.source = source
         rows = plan.pair_index
         self.file_id = df["file_id"].to_numpy()
         self.source_row = df["source_row"].to_numpy()
@@ -440,12 +440,9 @@ class _EntryBatches(IterableDataset):
         }
 
     def __iter__(self):
-        import pickle
-
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        # A fresh copy of the reader: open file handles are not shared between processes.
-        fetch = RowFetcher(pickle.loads(pickle.dumps(self.backend)))
+        fetch = self.source.fetcher()  # this worker's own file handles
         bs = self.settings.batch_size
         for shard, start, stop in self.todo[wid::nw]:
             for b0 in range(start, stop, bs):
@@ -704,10 +701,8 @@ class OnTheFlyPairs(Dataset):
         return {**self.__dict__, "_fetch": None, "_policy": None}
 
     def _fetcher(self) -> RowFetcher:
-        if self._fetch is None or self._fetch[0] != os.getpid():
-            import pickle
-
-            self._fetch = (os.getpid(), RowFetcher(pickle.loads(pickle.dumps(self.source.backend))))
+        if self._fetch is None or self._fetch[0] != os.getpid():  # one per DataLoader worker
+            self._fetch = (os.getpid(), self.source.fetcher())
         return self._fetch[1]
 
     def __getitem__(self, k: int) -> dict[str, Any]:
