@@ -155,7 +155,9 @@ def test_a_killed_stage_continues_from_its_shards_under_dvc_repro(tmp_path):
         "outs": [{"out": {"persist": True}}]}}}))
     env = {**os.environ, "SPO_DISABLE_MLFLOW": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "SPO_METRICS_DIR": str(tmp_path / "metrics")}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    # Hard links: DVC caches the (large) output without a second copy; safe because every file is
+    # replaced by rename, never rewritten in place.
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "cache.type", "hardlink"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
     train = tmp_path / "out" / "train"
     proc = subprocess.Popen(["dvc", "repro", "-q"], cwd=tmp_path, env=env, start_new_session=True,
@@ -179,3 +181,5 @@ def test_a_killed_stage_continues_from_its_shards_under_dvc_repro(tmp_path):
     assert json.loads((train / "manifest.json").read_text())["num_pairs"] == 160
     status = subprocess.run(["dvc", "status", "-q"], cwd=tmp_path, env=env)
     assert status.returncode == 0
+    links = {p.name: p.stat().st_nlink for p in train.glob("shard-*")}
+    assert min(links.values()) >= 2, f"outputs and cache should share their files: {links}"  # equal files share one
