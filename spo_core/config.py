@@ -25,6 +25,10 @@ class ConfigError(InputError, ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
+class BudgetError(ConfigError):
+    """A global budget (prompts per round, a batch) that the processes of a run cannot share equally."""
+
+
 class Strict(BaseModel):
     # inf and nan are never meaningful settings (an lr of inf passed validation before).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -162,9 +166,17 @@ class SPOLossConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """The training budget. Every number is global, the same whatever the number of processes
+    (``launch.num_processes``): N processes split each round's prompts and each micro-batch, and
+    train what one process trains."""
+
     rounds: int = Field(default=10, ge=1)
-    prompts_per_round: int = Field(default=10, ge=1)  # per process
-    train_batch_size: int = Field(default=8, ge=1)  # items per micro-batch, per process
+    # Prompts sampled per round, over all processes (a multiple of the number of processes).
+    prompts_per_round: int = Field(default=10, ge=1)
+    # Items per micro-batch, over all processes (each process takes its share). Fewer GPUs than the
+    # profile assumes need more memory per GPU: then divide it and multiply gradient_accumulation_steps
+    # by the same factor (the same items per optimiser step).
+    train_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     epochs_per_round: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=1, ge=1)  # rounds
@@ -225,6 +237,24 @@ class MonitorConfig(Strict):
     seed: int = 1234
 
 
+class LaunchConfig(Strict):
+    """How a stage's command (``python -m spo_core.stages.<stage>``, what DVC runs) starts it: in its
+    own process, or with ``num_processes`` > 1 under ``accelerate launch`` (one process per GPU, or
+    gloo processes on CPUs). Operational: budgets are global, so the result does not depend on it.
+    Mixed precision is the stage's own setting (``train.mixed_precision`` / ``mixed_precision``)."""
+
+    num_processes: int = Field(default=1, ge=1)
+    main_process_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port (stages may run side by side)
+
+
+def check_divisible(value: int, key: str, processes: int) -> None:
+    """A global budget that the processes cannot share equally is refused, naming the fix."""
+    if value % processes:
+        near = " or ".join(str(v) for v in sorted({value // processes * processes, -(-value // processes) * processes} - {0}))
+        raise ValueError(f"{key}={value} is a global budget that {processes} processes cannot share equally: set it to "
+                         f"a multiple of {processes} ({near}), or launch.num_processes to a divisor of {value}")
+
+
 class TrainerBaseConfig(Strict):
     """What every LoRA trainer (SPO and its baselines) shares."""
 
@@ -236,6 +266,12 @@ class TrainerBaseConfig(Strict):
     prompts: PromptsConfig
     monitor: MonitorConfig = MonitorConfig()
     device: str = "auto"
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _budget_shared(self) -> "TrainerBaseConfig":
+        check_divisible(self.train.prompts_per_round, "train.prompts_per_round", self.launch.num_processes)
+        return self
 
 
 class SPOConfig(TrainerBaseConfig):
@@ -276,7 +312,7 @@ class DDPOConfig(TrainerBaseConfig):
 class DiffusionDPOConfig(TrainerBaseConfig):
     """Diffusion-DPO: offline pairs from a Pick-a-Pic-schema preference dataset (ties dropped).
 
-    ``train.prompts_per_round`` is the number of pairs per round; ``prompts``/``scorer`` are unused
+    ``train.prompts_per_round`` is the number of pairs per round (over all processes); ``prompts``/``scorer`` are unused
     for training but ``prompts`` feeds the optional monitor.
     """
 
@@ -292,8 +328,10 @@ class DiffusionDPOConfig(TrainerBaseConfig):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        loc = ".".join(str(p) for p in e["loc"])
+        if not loc:  # a check across keys: its message names them (the whole section is no help)
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{loc}': remove it or check its spelling")
         elif e["type"] == "missing":
             lines.append(f"  - missing key '{loc}': add it to the section")

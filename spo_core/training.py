@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .checkpoints import CheckpointError, CheckpointStore
-from .config import LoraConfig, OptimConfig, TrainConfig
+from .config import BudgetError, LoraConfig, OptimConfig, TrainConfig
 from .distributed import gather_conditioning, gather_rows, micro_batch_share, reduce_metrics, reduce_sums
 from .models.diffusion import Conditioning, DiffusionPolicy
 from .models.lora import attach_lora, lora_state_dict, save_lora, save_merged
@@ -71,16 +71,21 @@ def item_seed(seed: int, position: int) -> int:
 def round_positions(per_round: int, round_idx: int, process: int = 0, num_processes: int = 1) -> list[int]:
     """Global positions (in the endless stream of epochs) of this process's items for a round.
 
-    Process p of N takes the p-th slice of the round's N * per_round positions, so N processes
-    together see exactly what one process with N times the batch sees.
+    ``per_round`` is global (``train.prompts_per_round``): process p of N takes the p-th of N equal
+    slices of the round's positions, so N processes together see exactly what one process sees.
     """
-    start = (round_idx * num_processes + process) * per_round
-    return list(range(start, start + per_round))
+    if per_round % num_processes:
+        raise BudgetError(f"train.prompts_per_round={per_round} is a global budget that this run's {num_processes} "
+                          f"processes cannot share equally: set it to a multiple of {num_processes}, or run "
+                          f"on a number of processes that divides it")
+    local = per_round // num_processes
+    start = round_idx * per_round + process * local
+    return list(range(start, start + local))
 
 
 def prompts_for_round(prompts: list, per_round: int, round_idx: int, seed: int,
                       process: int = 0, num_processes: int = 1) -> list:
-    """This process's items for a round: consecutive slices of per-epoch permutations."""
+    """This process's items of a round's ``per_round`` (global): consecutive slices of per-epoch permutations."""
     n = len(prompts)
     if n == 0:
         raise ValueError("the prompt set is empty")
@@ -97,6 +102,7 @@ RESUME_MAY_CHANGE = (
     "train.rounds", "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.output_dir",
     "train.save_merged", "train.export_kohya", "train.gradient_checkpointing", "train.allow_tf32", "train.max_lora_weight",
     "optim.lr", "optim.max_grad_norm", "sampler.decode_batch_size", "monitor", "device",
+    "launch",  # budgets are global: another number of processes continues the same run
 )
 
 
@@ -168,9 +174,9 @@ def train_rounds(
     per-round history; writes the LoRA to ``train_cfg.output_dir/lora`` and checkpoints to
     ``train_cfg.output_dir/checkpoints``.
 
-    With several processes, each samples its own prompts; the round's items are then gathered, put
-    in one order and shared out (:mod:`spo_core.distributed`), so N processes train exactly what one
-    process with N times the prompts and the micro-batch trains.
+    With several processes, each samples its share of the round's prompts; the round's items are
+    then gathered, put in one order and shared out (:mod:`spo_core.distributed`), so N processes
+    train exactly what one process trains with the same (global) budgets.
     """
     from tqdm.auto import tqdm
 
@@ -217,6 +223,9 @@ def train_rounds(
     policy.forward_unet = unet_wrapped
     total_sample_evals = sum(h.get("sample_unet_evals", 0) for h in history)
     total_train_evals = sum(h.get("train_unet_evals", 0) for h in history)
+    if acc.is_main_process:
+        log.info("%s: %d process(es) share %d prompts per round and micro-batches of %d items", method.name,
+                 acc.num_processes, train_cfg.prompts_per_round, train_cfg.train_batch_size)
     bar = tqdm(range(start, train_cfg.rounds), desc=f"{method.name} rounds", disable=not acc.is_local_main_process,
                initial=start, total=train_cfg.rounds)
     for r in bar:
@@ -295,16 +304,16 @@ def _train_on(ctx: RoundContext, method: Method, data: Rows, params: list[torch.
               optim_cfg: OptimConfig, train_cfg: TrainConfig, shuffle: torch.Generator) -> dict[str, float]:
     """Train on the round's items (those of all processes, in the same order on each).
 
-    Global micro-batches of ``train_batch_size`` x processes items follow one shared permutation;
-    each process trains its share with the weight that makes DDP's average the whole micro-batch's
-    mean, so every process runs the same passes whatever its sampler kept.
+    Global micro-batches of ``train_batch_size`` items (over all processes) follow one shared
+    permutation; each process trains its share with the weight that makes DDP's average the whole
+    micro-batch's mean, so every process runs the same passes whatever its sampler kept.
     """
     acc = ctx.accelerator
     rank, world = acc.process_index, acc.num_processes
     n = len(data)
     if n == 0:
         return {"train_items": 0, "optimizer_steps": 0, "train_unet_evals": 0}
-    bs = train_cfg.train_batch_size * world
+    bs = train_cfg.train_batch_size  # global: each process takes its share (micro_batch_share)
     accum = train_cfg.gradient_accumulation_steps
     sums: dict[str, float] = {}
     count, steps, grad_norms, evals = 0, 0, [], 0

@@ -27,7 +27,8 @@ from spo_core.scorers.simple import BrightnessScorer
 from spo_core.training import prompts_for_round, train_rounds
 
 PROMPTS = ["flat one", "flat two", "sharp three", "sharp four"]
-PER_PROCESS, BATCH = 2, 2
+# Global budgets, the same for 1 and 2 processes: 4 prompts per round (2 per process), micro-batches of 4.
+PER_ROUND, BATCH = 4, 4
 
 
 class GatedScorer:
@@ -47,7 +48,7 @@ def _seed_with_an_empty_process() -> int:
         kinds = []
         for r in range(3):
             for p in range(2):
-                got = prompts_for_round(PROMPTS, PER_PROCESS, r, seed, p, 2)
+                got = prompts_for_round(PROMPTS, PER_ROUND, r, seed, p, 2)
                 kinds.append(sum(x.startswith("flat") for x in got))
         if 2 in kinds and 1 in kinds:
             return seed
@@ -86,7 +87,7 @@ def _train(kind: str, out: Path, per_round: int, batch: int, seed: int) -> None:
 def _worker(rank: int, world: int, port: int, kind: str, out: str, seed: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), SPO_DISABLE_MLFLOW="1", HF_HUB_OFFLINE="1")
-    _train(kind, Path(out), PER_PROCESS, BATCH, seed)
+    _train(kind, Path(out), PER_ROUND, BATCH, seed)
 
 
 def _free_port() -> int:
@@ -112,7 +113,7 @@ def test_two_processes_keeping_different_pair_counts_match_one(kind: str, tmp_pa
     assert not hung, "a process was still running after 300 s (DDP desynchronised)"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    _train(kind, tmp_path / "one", 2 * PER_PROCESS, 2 * BATCH, seed)
+    _train(kind, tmp_path / "one", PER_ROUND, BATCH, seed)
 
     one_hist = json.loads((tmp_path / "one/history.json").read_text())
     two_hist = json.loads((tmp_path / "two/history.json").read_text())

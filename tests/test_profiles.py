@@ -103,3 +103,33 @@ def test_params_file_holds_every_key_dvc_lists_and_loads_back(profile, tmp_path)
         mod, cls = SECTIONS[section]
         cls = getattr(importlib.import_module(mod), cls)
         assert validate_section(cls, written[section], section) == validate_section(cls, data, section)
+
+
+@pytest.mark.parametrize("profile", ["sd15", "sdxl"])
+def test_real_profiles_state_global_budgets(profile):
+    # One profile, any number of GPUs, the same work: budgets are over all processes.
+    raw = read_profile(profile)
+    pm, noisy = raw["train_pm"], raw["noisy_pairs"]
+    consumed = pm["max_steps"] * pm["batch_size"] * pm.get("gradient_accumulation_steps", 1)
+    assert consumed == noisy["max_pairs"] * noisy.get("repeats", 1)  # train_pm sees each built pair once
+    spo = raw["train_spo"]["train"]
+    assert spo["rounds"] * spo["prompts_per_round"] == 10 * 4000  # 10 epochs of the 4k training prompts
+    for section in ("train_spo", "train_d3po", "train_ddpo", "train_diffusion_dpo", "train_pm"):
+        assert raw[section]["launch"]["num_processes"] == 4, section
+        mod, cls = SECTIONS[section]
+        cls = getattr(importlib.import_module(mod), cls)
+        for n in (1, 2, 4):  # a 1- or 2-GPU machine runs the same profile (launch is operational)
+            validate_section(cls, {**raw[section], "launch": {"num_processes": n}}, f"{profile}.{section}")
+    # DVC depends on the preference data by path (${noisy_pairs.data} in dvc.yaml): local folders
+    # outside the repository and its DVC-tracked data/ (never pushed), not hub ids.
+    for key in ("data", "eval_data"):
+        assert Path(noisy[key]).is_absolute(), (key, noisy[key])
+    assert raw["train_diffusion_dpo"]["dataset"] == noisy["data"]
+
+
+def test_noisy_pairs_data_is_a_dvc_dependency_by_path():
+    deps = _dvc_stages()["noisy_pairs"]["deps"]
+    assert "${noisy_pairs.data}" in deps and "${noisy_pairs.eval_data}" in deps
+    for profile in ("toy", "micro"):  # the toy world's pairs: inside toy_prefs' output, so DVC orders them
+        noisy = read_profile(profile)["noisy_pairs"]
+        assert all(noisy[k].startswith(read_profile(profile)["toy_prefs"]["output_dir"] + "/") for k in ("data", "eval_data"))

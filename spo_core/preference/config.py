@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import ModelConfig, OptimConfig, ScorerConfig, Strict
+from ..config import LaunchConfig, ModelConfig, OptimConfig, ScorerConfig, Strict, check_divisible
 
 # The timesteps at which the paper reports preference-model accuracy.
 PAPER_EVAL_TIMESTEPS = (0, 251, 501, 701, 951)
@@ -89,7 +89,9 @@ class TrainPMConfig(Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-6, weight_decay=0.3, max_grad_norm=1.0))
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=16, ge=1)  # pairs per micro-batch per process
+    # Pairs per micro-batch over all processes (each takes an equal share): the pairs a run consumes,
+    # max_steps x batch_size x gradient_accumulation_steps, do not depend on the number of processes.
+    batch_size: int = Field(default=16, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     max_steps: int = Field(default=8000, ge=1)  # optimiser steps
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -104,6 +106,7 @@ class TrainPMConfig(Strict):
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = Field(default=None, ge=1)  # torch CPU threads (None: torch's default)
+    launch: LaunchConfig = LaunchConfig()
 
     # Memory switch (same gradients) and the in-training evaluation, which only draws MLflow curves.
     OPERATIONAL = Strict.OPERATIONAL | {"gradient_checkpointing", "eval_every", "eval_batch_size"}
@@ -114,4 +117,5 @@ class TrainPMConfig(Strict):
             raise ValueError("variants is empty: list at least one of plain, agnostic, aware")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants {self.variants} has duplicates")
+        check_divisible(self.batch_size, "batch_size", self.launch.num_processes)
         return self

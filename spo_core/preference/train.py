@@ -31,6 +31,7 @@ from ..reporting import markdown_table, write_text_atomic
 from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
 from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
 from ..checkpoints import CheckpointStore, fingerprint
+from ..config import BudgetError
 from ..utils import atomic_dir, atomic_file, resolve_device, staged
 from .config import TrainPMConfig
 from .noisy_pairs import NoisyPairs, OnTheFlyPairs, open_pairs
@@ -164,7 +165,7 @@ def _run_config(cfg: TrainPMConfig, variant: str, train_set: NoisyPairs) -> dict
 def make_accelerator(cfg: TrainPMConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     device = resolve_device(cfg.device)
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
@@ -173,6 +174,9 @@ def make_accelerator(cfg: TrainPMConfig):
     return Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=cfg.mixed_precision,
+        # batch_size is global: each process takes its slice of every batch (the same pairs in the same
+        # order whatever the number of processes), and the lr schedule steps once per optimiser step.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         # Sync strictly every N micro-batches (not at epoch ends) so that step k always covers
         # micro-batches [kN, (k+1)N) and resuming at a step boundary replays the same data.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
@@ -214,9 +218,12 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
     nproc = accelerator.num_processes
-    # AcceleratedScheduler steps once per process per optimiser step: scale the horizon to match.
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * nproc,
-                              num_training_steps=cfg.max_steps * nproc)
+    if cfg.batch_size % nproc:
+        raise BudgetError(f"batch_size={cfg.batch_size} is a global budget that this run's {nproc} processes cannot share "
+                          f"equally: set it to a multiple of {nproc}, or run on a number of processes that divides it")
+    # With split batches the AcceleratedScheduler steps once per optimiser step, whatever nproc.
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
     sampler = EpochShuffle(len(train_set), cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers)

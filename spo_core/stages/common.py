@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from .. import tracking
 from ..config import load_section
 from ..errors import InputError
-from ..runner import run_entrypoint
+from ..runner import INTERRUPTED, run_entrypoint
 from ..utils import atomic_dir, atomic_file, deferred_commits, staged
 
 log = logging.getLogger(__name__)
@@ -217,20 +217,74 @@ def stage_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def launched() -> bool:
+    """Whether this process is one of several that ``accelerate launch`` / ``torchrun`` started."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _mixed_precision(cfg: BaseModel) -> str:
+    # The stage's own setting (train.mixed_precision, or mixed_precision): launch settings do not repeat it.
+    for holder in (cfg, getattr(cfg, "train", None)):
+        value = getattr(holder, "mixed_precision", None)
+        if isinstance(value, str):
+            return value
+    return "no"
+
+
+def relaunch(stage: str, argv: list[str], cfg: BaseModel) -> int:
+    """Run this stage's command again as ``cfg.launch.num_processes`` processes through accelerate's
+    launcher (torchrun underneath: one process per GPU, gloo processes on CPUs); returns the exit
+    status. Each process prints its own errors; the first failing one's status is returned."""
+    import torch
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    n, port = cfg.launch.num_processes, cfg.launch.main_process_port
+    device = str(getattr(cfg, "device", "auto"))
+    on_cpu = device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu and torch.cuda.device_count() < n:
+        raise InputError(f"launch.num_processes={n} needs {n} GPUs, this machine has {torch.cuda.device_count()}. Fix: "
+                         f"set {stage}.launch.num_processes to the number of GPUs (budgets are global: the result is the "
+                         f"same, and DVC does not rerun the stage for it), or device=cpu")
+    args = launch_command_parser().parse_args([
+        "--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--main_process_port", str(port),
+        "--mixed_precision", _mixed_precision(cfg), "--dynamo_backend", "no",
+        "-m", f"spo_core.stages.{stage}", *argv])
+    log.info("stage %s: starting %d processes (accelerate launch, %s)", stage, n, "CPU/gloo" if on_cpu else "GPUs")
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        first = next((c for c in codes if c > 0), None)
+        return first if first is not None else INTERRUPTED  # negative: ended by a signal
+    except SignalException as exc:  # this launcher was stopped (the processes were stopped with it)
+        raise KeyboardInterrupt(f"stopped by signal {exc.sigval.name}") from None
+    return 0
+
+
 def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dict[str, Any]],
                argv: list[str] | None = None, headline: list[str] | None = None) -> int:
-    """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``)."""
+    """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``).
+
+    With ``launch.num_processes`` > 1 (and not already inside a launched process) it starts the stage
+    again as that many processes through ``accelerate launch`` (:func:`relaunch`); with 1 it runs here.
+    """
     parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None))
     train_field = getattr(cfg_cls, "model_fields", {}).get("train")
     if train_field is not None and "resume" in getattr(train_field.annotation, "model_fields", {}):  # the trainers
         parser.add_argument("--resume", action="store_true",
                             help="continue from the last checkpoint in train.output_dir/checkpoints (same as "
                                  "--set train.resume=true); the configuration must match it except the keys it lists")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["train.resume=true"] if getattr(args, "resume", False) else [])
 
     def body() -> int:
         cfg = load_stage_config(stage, cfg_cls, args.params, overrides)
+        launch = getattr(cfg, "launch", None)
+        if launch is not None and launch.num_processes > 1 and not launched():
+            return relaunch(stage, argv, cfg)
         execute(stage, cfg, run_fn, headline)
         return 0
 
