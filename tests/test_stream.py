@@ -122,8 +122,8 @@ def test_two_processes_write_exactly_the_shards_of_one(tmp_path):
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(_stage_cfg(data, "two", workers=2)))
     stage = ["-m", "spo_core.stages.noisy_pairs"]
     _run([sys.executable, *stage, "--params", "one.yaml"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", *stage,
-          "--params", "two.yaml"], tmp_path)
+    # Started as DVC starts it: the stage relaunches itself as launch.num_processes processes.
+    _run([sys.executable, *stage, "--params", "two.yaml", "--set", "launch.num_processes=2"], tmp_path)
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert sorted(one) == sorted(two)
     train_shards = [k for k in one if k.startswith("train/shard-") and k.endswith(".safetensors")]
@@ -135,6 +135,7 @@ def test_two_processes_write_exactly_the_shards_of_one(tmp_path):
     manifest = json.loads(one["train/manifest.json"])
     assert (manifest["num_planned"], manifest["num_pairs"], manifest["num_skipped"]) == (16, 15, 1)
     assert json.loads(two["train/manifest.json"])["num_pairs"] == 15
+    assert json.loads((tmp_path / "metrics" / "noisy_pairs.json").read_text())["processes"] == 2
 
 
 @pytest.mark.slow

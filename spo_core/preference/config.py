@@ -61,6 +61,8 @@ class NoisyPairsConfig(Strict):
     # no disk, but one guided UNet + VAE call per pair and epoch, and the base model in train_pm).
     # The evaluation set is stored either way.
     train_pairs: Literal["stored", "on_the_fly"] = "stored"
+    # Several processes (one per GPU): each builds its share of the shards, the same shards as one.
+    launch: LaunchConfig = LaunchConfig()
 
     @field_validator("eval_timesteps")
     @classmethod

@@ -770,16 +770,28 @@ def write_on_the_fly_set(policy, model_cfg, df: pd.DataFrame, out_dir: str | os.
 
 
 def _process_group(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device): under torchrun / accelerate launch, join the process group (accelerate)."""
+    """(rank, world, device): under torchrun / accelerate launch, join the process group.
+
+    torch.distributed directly: accelerate's PartialState reports one process for CPU-only (gloo)
+    launches although the group holds several.
+    """
+    import torch.distributed as dist
+
+    from ..stages.common import launched
     from ..utils import resolve_device
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        dev = state.device if device in ("auto", "cuda") else resolve_device(device)
-        return state.process_index, state.num_processes, dev
-    return 0, 1, resolve_device(device)
+    if not launched():
+        return 0, 1, resolve_device(device)
+    gpu = device in ("auto", "cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if gpu:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    else:
+        dev = resolve_device(device)
+    return rank, world, dev
 
 
 def _skip_metrics(prefix: str, index) -> dict[str, float]:
