@@ -179,13 +179,24 @@ class _ParquetBackend(_Backend):
 class _ArrowBackend(_Backend):
     """A `datasets` Dataset: its Arrow table is memory-mapped, so slices cost no RAM."""
 
-    def __init__(self, name: str, table):
-        self.files, self.table = [name], table
+    def __init__(self, name: str, table, reopen: tuple[str, str] | None = None):
+        self.files, self.table, self.reopen = [name], table, reopen
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
         if missing:
             raise PreferenceDataError(f"preference data '{name}': missing columns {missing} (found "
                                       f"{table.column_names}). Fix: provide all of {list(REQUIRED_COLUMNS)}")
         self.has_label = "has_label" in table.column_names
+
+    def __getstate__(self) -> dict:
+        # A hub dataset is reopened from its memory-mapped cache in the other process, not copied.
+        if self.reopen is not None:
+            return {"files": self.files, "has_label": self.has_label, "reopen": self.reopen}
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "table" not in state:
+            self.table = _hub_table(*state["reopen"])
 
     def num_rows(self, fid: int) -> int:
         return self.table.num_rows
@@ -201,7 +212,7 @@ class _ArrowBackend(_Backend):
             yield {c: part.column(c).to_pylist() for c in columns}
 
 
-def _open_hub(source: str, split: str) -> _ArrowBackend:
+def _hub_table(source: str, split: str):
     try:
         import datasets  # optional: only hub sources need it (the `real` extra)
     except ImportError:
@@ -214,8 +225,11 @@ def _open_hub(source: str, split: str) -> _ArrowBackend:
         raise PreferenceDataError(
             f"could not load split '{split}' of hub dataset '{source}' ({type(exc).__name__}: {exc}). Fix: check the "
             "id and split, or download it where there is network and pass a local parquet path") from exc
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    return _ArrowBackend(f"{source}[{split}]", table)
+    return ds.data.table if hasattr(ds.data, "table") else ds.data
+
+
+def _open_hub(source: str, split: str) -> _ArrowBackend:
+    return _ArrowBackend(f"{source}[{split}]", _hub_table(source, split), reopen=(source, split))
 
 
 class PreferenceSource:

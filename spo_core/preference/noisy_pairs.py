@@ -545,8 +545,11 @@ def build_noisy_pairs(policy, source: PreferenceSource, df: pd.DataFrame, out_di
     batches = _EntryBatches(source, df, plan, todo, settings, policy.resolution, policy.latent_shape)
     expected = {s: batches.batches_of(start, stop) for s, start, stop in todo}
     ranges = {s: (start, stop) for s, start, stop in todo}
+    # Spawned, not forked, workers: a fork of a process with live threads (MLflow's system metrics,
+    # an in-process Prefect flow) can die in the child. The readers reopen their files there.
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
-                        prefetch_factor=2 if num_workers else None, collate_fn=None)
+                        prefetch_factor=2 if num_workers else None,
+                        multiprocessing_context="spawn" if num_workers else None)
     open_shards: dict[int, dict[str, Any]] = {}
     with tqdm(total=pending, desc=f"noisy pairs -> {out.name}", unit="pair", disable=pending == 0 or rank != 0) as bar:
         for item in loader:
