@@ -141,18 +141,18 @@ def scoped_env(**values: str | None) -> Iterator[None]:
     """Set (or with None, unset) environment variables for the block; restore them afterwards."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        _set_env(values)
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
-        _set_env(old)
-
-
-def _set_env(values: dict[str, str | None]) -> None:
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
