@@ -254,3 +254,46 @@ def iter_records(stream: IO, output: StageOutput, name: str = "stderr", chunk_si
         while chunk := read(chunk_size):
             yield from output.feed(chunk, name)
     yield from output.close(name)
+
+
+TAIL_LINES = 40
+
+
+def run_logged(cmd: list[str], label: str, logger: logging.Logger | logging.LoggerAdapter, *, cwd=None,
+               env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (),
+               watch: Callable[[str], object] | None = None) -> tuple[int, dict[str, list[str]]]:
+    """Run ``cmd`` with its output logged as ``[label] message`` records at their own levels, sparse
+    progress bars (:func:`progress_env`); returns the exit status and the last lines of each stream.
+
+    ``pass_fds`` stay open in the child (a GPU lease's lock files: the devices stay leased while it
+    runs, even if this process dies). ``watch`` sees every message. Cancelled or interrupted, the
+    child is killed, not left running.
+    """
+    import collections
+    import subprocess
+
+    output = StageOutput()
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **progress_env(), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)  # binary: tqdm's \r
+    tails = {"stdout": collections.deque(maxlen=TAIL_LINES), "stderr": collections.deque(maxlen=TAIL_LINES)}
+
+    def pump(name: str, stream) -> None:
+        for level, msg in iter_records(stream, output, name):
+            tails[name].append(msg)
+            if watch is not None:
+                watch(msg)
+            logger.log(level, "[%s] %s", label, msg)
+
+    readers = [threading.Thread(target=pump, args=(n, getattr(proc, n)), daemon=True) for n in tails]
+    for r in readers:
+        r.start()
+    try:
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for r in readers:
+            r.join(timeout=5)
+    return rc, {k: list(v) for k, v in tails.items()}

@@ -41,7 +41,7 @@ base), and the table then has one row per model:
 Each variant calls the same stage functions as DVC and Prefect do
 (:func:`spo_core.stages.common.execute` with the stage's ``run``) inside its own MLflow run,
 nested under one ablation run; the stage metrics of a variant go to ``{out}/metrics/``. How the
-variants are scheduled (one after another, or as parallel Prefect tasks on GPU slots) is the
+variants are scheduled (one after another, or as parallel Prefect tasks on leased GPUs) is the
 caller's choice: :func:`run_ablation` takes a ``map_variants`` function.
 """
 
@@ -51,6 +51,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -360,7 +361,8 @@ def run_variant(spec: AblationSpec, variant: str, parent_run_id: str | None = No
     shared = run_dir(spec, variant) if _uses_run(spec) else None
     done = shared / DONE if shared is not None else None
     reused = done is not None and done.is_file()
-    tags = {"stage": "ablation_variant", "ablation": spec.table, "variant": variant, "reused": str(reused).lower()}
+    tags = {"stage": "ablation_variant", "ablation": spec.table, "variant": variant, "reused": str(reused).lower(),
+            "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     if shared is not None:
         tags["run_dir"] = shared.as_posix()
     row: dict[str, float] = {}

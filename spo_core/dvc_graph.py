@@ -17,7 +17,8 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "stage_order"]
+__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "stage_graph",
+           "stage_order"]
 
 # Stages that run a diffusion model or train one (the toy world's pretraining and its scorer too).
 DEFAULT_GPU_STAGES = frozenset({
@@ -57,6 +58,12 @@ def stage_order(root: str | os.PathLike = ".", target: str | None = None) -> lis
     (``data.dvc``) are dependencies, not stages to run, and are left out. Frozen stages are cut
     from their dependencies as ``dvc repro`` does.
     """
+    return list(stage_graph(root, target))
+
+
+def stage_graph(root: str | os.PathLike = ".", target: str | None = None) -> dict[str, list[str]]:
+    """``{stage: [the stages whose outputs it reads]}`` in :func:`stage_order`'s order: DVC's own edges
+    (``dvc dag``), restricted to the stages ``dvc repro [target]`` would run."""
     from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
@@ -73,14 +80,17 @@ def stage_order(root: str | os.PathLike = ".", target: str | None = None) -> lis
             except DvcException as exc:
                 known = sorted(_address(s, root) for s in repo.index.stages if isinstance(s, PipelineStage))
                 raise DvcGraphError(f"unknown stage '{target}' ({exc}): choose one of {known}") from None
-            steps = plan_repro(get_active_graph(repo.index.graph), stages)
-            order = [_address(s, root) for s in steps if isinstance(s, PipelineStage)]
+            graph = get_active_graph(repo.index.graph)
+            steps = [s for s in plan_repro(graph, stages) if isinstance(s, PipelineStage)]
+            names = {s: _address(s, root) for s in steps}
+            # An edge stage -> dependency (DVC draws the dependency above); .dvc sources are not stages.
+            out = {names[s]: [names[d] for d in steps if graph.has_edge(s, d)] for s in steps}
     except NotDvcRepoError as exc:
         raise DvcGraphError(f"{root} is not a DVC repository ({exc}): run `dvc init` there") from None
     except DvcException as exc:
         raise DvcGraphError(f"cannot read the DVC pipeline in {root}: {exc}") from exc
-    log.debug("DVC order for %s: %s", target or "all stages", order)
-    return order
+    log.debug("DVC graph for %s: %s", target or "all stages", out)
+    return out
 
 
 def gpu_stages(configured: Iterable[str] | str | None = None) -> frozenset[str]:

@@ -93,7 +93,10 @@ def test_gpu_stages_argument_environment_default(monkeypatch):
 # running one stage
 
 
-def test_failed_stage_reports_stderr_tail_and_lock_failures_are_transient(toy_repo):
+def test_failed_stage_reports_stderr_tail_and_a_held_lock_is_waited_for(toy_repo):
+    import threading
+    import time
+
     from dvc.lock import make_lock
 
     from flows.spo import StageFailed, run_dvc_stage
@@ -104,10 +107,14 @@ def test_failed_stage_reports_stderr_tail_and_lock_failures_are_transient(toy_re
         run_dvc_stage("bad", broken)
     assert err.value.returncode != 0 and "boom: disk on fire" in str(err.value) and "'bad'" in str(err.value)
     assert not err.value.transient
+    # Another dvc process holds the repository lock (stages running at once in one clone take it in
+    # turn): the stage waits for it instead of failing.
     lock = make_lock(str(toy_repo / ".dvc" / "tmp" / "lock"), tmp_dir=str(toy_repo / ".dvc" / "tmp"))
-    with lock, pytest.raises(StageFailed) as err:  # another dvc process holds the repository lock
-        run_dvc_stage("a", toy_repo)
-    assert err.value.transient and "Unable to acquire lock" in err.value.stderr_tail
+    lock.lock()
+    threading.Timer(4, lock.unlock).start()
+    t0 = time.monotonic()
+    assert run_dvc_stage("a", toy_repo, force=True)["ran"]
+    assert time.monotonic() - t0 >= 3.5
 
 
 # ----------------------------------------------------------------------------------------------
