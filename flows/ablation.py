@@ -6,7 +6,7 @@ sees only those devices in ``CUDA_VISIBLE_DEVICES``: variants share no environme
 or accelerator context, and a variant that crashes releases its devices with its process. Variants
 wait while no device is free, so an ablation of 5 variants on 4 GPUs runs 4 at once and the fifth
 when one ends. The task tag ``gpu`` still lets ``prefect concurrency-limit create gpu N`` bound them
-across flows. With ``dispatch="pool"`` each variant is an ``ablation/variant`` flow run on the work
+across flows. With ``dispatch="pool"`` each variant is an ``ablation-variant/variant`` flow run on the work
 pool instead, leased on whichever host takes it. The work itself is
 :func:`spo_core.ablation.run_variant` / :func:`spo_core.ablation.run_ablation`, which a script or a
 test can call without Prefect.
@@ -17,6 +17,7 @@ test can call without Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 GPU_TAG = "gpu"
 DISPATCH = ("local", "pool")
-VARIANT_DEPLOYMENT = "ablation/variant"
+VARIANT_DEPLOYMENT = "ablation-variant/variant"
 RESULT_KEY = "ablation-variant-result"
 
 
@@ -141,7 +142,7 @@ def dispatch_variants(spec: AblationSpec, variants: list[str], parent_run_id: st
 # bounds them on a host without GPUs (with GPUs the leases do).
 @flow(name="ablation", task_runner=ThreadPoolTaskRunner())
 def ablation(spec: str, params: str | None = None, variants: list[str] | None = None,
-             dispatch: str = "local") -> list[dict[str, Any]]:
+             dispatch: str = "local", repo: str | None = None) -> list[dict[str, Any]]:
     """Run an ablation table.
 
     Args:
@@ -149,14 +150,20 @@ def ablation(spec: str, params: str | None = None, variants: list[str] | None = 
         params: params file or profile to use instead of the spec's ``params``.
         variants: run only these variants (default: all).
         dispatch: ``local`` runs the variants on this host, one per free GPU; ``pool`` runs each as an
-            ``ablation/variant`` flow run on the work pool (specs without a compare step).
+            ``ablation-variant/variant`` flow run on the work pool (specs without a compare step).
+        repo: the checkout whose paths the spec names (default: ``SPO_REPO_ROOT`` or the working
+            directory; a worker starts flow runs in a temporary folder).
     """
+    from flows.spo import _repo_root
+
     if dispatch not in DISPATCH:
         raise InputError(f"dispatch={dispatch!r}: choose one of {list(DISPATCH)}")
-    s = load_spec(spec)
-    if params:
-        s = s.model_copy(update={"params": params})
-    return run_ablation(s, submit_variants if dispatch == "local" else dispatch_variants, variants).to_dict("records")
+    with contextlib.chdir(_repo_root(repo)):
+        s = load_spec(spec)
+        if params:
+            s = s.model_copy(update={"params": params})
+        mapper = submit_variants if dispatch == "local" else dispatch_variants
+        return run_ablation(s, mapper, variants).to_dict("records")
 
 
 @flow(name="ablation-variant")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import logging
 import shlex
 from pathlib import Path
 from typing import Any
 
+from flows.deploy import DEPLOYMENTS as _DEPLOYMENTS
 from spo_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,8 @@ TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / 
 DEFAULT_POOL = "spo-k8s"
 # What the worker runs when the deployment sets no command (prefect.workers.base).
 FLOW_RUN_COMMAND = "prefect flow-run execute"
-# name -> module-path entrypoint; the image has the repository installed, so no code is pulled.
-DEPLOYMENTS = {
-    "full": "flows.spo.spo",
-    "single": "flows.spo.stage",
-    "table": "flows.ablation.ablation",
-    "variant": "flows.ablation.variant",
-}
+# The deployments (module-path entrypoints: the image has the repository installed, so no code is pulled).
+DEPLOYMENTS = sorted(_DEPLOYMENTS)
 
 
 class K8sTemplateError(InputError):
@@ -113,26 +108,10 @@ def manifest(template: dict[str, Any], job_variables: dict[str, Any]) -> dict[st
 
 def deploy(image: str, pool: str = DEFAULT_POOL, gpus: int = 1, names: list[str] | None = None) -> list[str]:
     """Register the SPO deployments on ``pool`` to run in ``image`` with ``gpus`` GPUs; returns their ids."""
-    from prefect.deployments.runner import EntrypointType
+    from flows.deploy import deploy as deploy_on_pool
 
-    chosen = names or list(DEPLOYMENTS)
-    unknown = sorted(set(chosen) - DEPLOYMENTS.keys())
-    if unknown:
-        raise K8sTemplateError(f"unknown deployment(s) {unknown}: choose from {sorted(DEPLOYMENTS)}")
-    job_variables = gpu_job_variables(gpus, image=image)
-    ids = []
-    for name in chosen:
-        module, attr = DEPLOYMENTS[name].rsplit(".", 1)
-        flow = getattr(importlib.import_module(module), attr, None)
-        if flow is None:
-            raise K8sTemplateError(f"{DEPLOYMENTS[name]} does not exist in this checkout: update it or pass "
-                                   f"--names without {name}")
-        # build/push False: the image is built from deploy/kubernetes/Dockerfile beforehand.
-        ids.append(str(flow.deploy(name=name, work_pool_name=pool, image=image, build=False, push=False,
-                                   job_variables=job_variables, entrypoint_type=EntrypointType.MODULE_PATH,
-                                   print_next_steps=False)))
-        log.info("deployment %s/%s on pool %s: %s GPU(s), image %s", flow.name, name, pool, gpus, image)
-    return ids
+    # build/push False (in flows.deploy): the image is built from deploy/kubernetes/Dockerfile beforehand.
+    return deploy_on_pool(pool, names, image=image, job_variables=gpu_job_variables(gpus, image=image))
 
 
 def main(argv: list[str] | None = None) -> int:

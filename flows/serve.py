@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `python flows/serve.py` from a checkout that is
 
 from prefect import serve
 
-from flows.ablation import ablation
+from flows.ablation import ablation, variant
 from flows.spo import spo, stage
 from spo_core.runner import run_entrypoint
 
@@ -37,6 +37,7 @@ def _serve() -> None:
         spo.to_deployment(name="full", description="The DVC pipeline stage by stage (dvc repro --single-item)."),
         stage.to_deployment(name="single", description="One DVC stage: -p stage=NAME."),
         ablation.to_deployment(name="table", description="An ablation table: -p spec=NAME."),
+        variant.to_deployment(name="variant", description="One ablation variant (ablation/table with dispatch=pool)."),
     )
 
 

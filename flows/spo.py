@@ -167,6 +167,7 @@ def dispatch_stage(stage: str, force: bool, upstream: dict[str, dict[str, Any]],
 
 TABLE_FILES = ("table.md", "accuracy.md")  # evaluate's table, train_pm's accuracy per timestep
 RESULT_KEY = "dvc-stage-result"
+JSON_BLOCK = re.compile(r"```json\n(.*)\n```", re.S)
 
 
 def _slug(text: str) -> str:
@@ -243,8 +244,7 @@ def read_artifact_json(flow_run_id, key: str) -> dict[str, Any]:
                                       flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     if not found:
         raise SpoError(f"flow run {flow_run_id} left no '{key}' artifact: see its logs in the Prefect UI")
-    match = re.search(r"```json\n(.*)\n```", str(found[-1].data), re.S)
-    return json.loads(match.group(1))
+    return json.loads(JSON_BLOCK.search(str(found[-1].data)).group(1))
 
 
 # -- the flows -----------------------------------------------------------------------------------

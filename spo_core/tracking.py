@@ -53,9 +53,13 @@ def setup_mlflow(experiment: str | None = None):
     name = experiment or os.environ.get("SPO_EXPERIMENT", DEFAULT_EXPERIMENT)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        # Keep artifacts beside the database so that mlruns/ is self-contained.
-        art = Path(os.environ.get("SPO_MLRUNS_DIR", "mlruns")).resolve() / "artifacts"
-        mlflow.create_experiment(name, artifact_location=art.as_uri(), tags=EXPERIMENT_TAGS)
+        if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+            # A tracking server: its artifact store (shared by every host), not this host's folder.
+            mlflow.create_experiment(name, tags=EXPERIMENT_TAGS)
+        else:
+            # Keep artifacts beside the database so that mlruns/ is self-contained.
+            art = Path(os.environ.get("SPO_MLRUNS_DIR", "mlruns")).resolve() / "artifacts"
+            mlflow.create_experiment(name, artifact_location=art.as_uri(), tags=EXPERIMENT_TAGS)
     elif any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
         for k, v in EXPERIMENT_TAGS.items():
             mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)

@@ -36,8 +36,9 @@ def make_repo(root: Path, stages: dict, params: dict | None = None) -> Path:
     return root
 
 
-def shell_stage(script: str, deps=(), outs=()) -> dict:
-    return {"cmd": f"{PY} -c {json.dumps(script)}", "deps": list(deps), "outs": list(outs)}
+def shell_stage(script: str, deps=(), outs=(), params=()) -> dict:
+    stage = {"cmd": f"{PY} -c {json.dumps(script)}", "deps": list(deps), "outs": list(outs)}
+    return {**stage, "params": list(params)} if params else stage
 
 
 def write(path: str, text: str) -> str:
@@ -250,3 +251,51 @@ def test_install_params_writes_a_profile_or_file_over_params_yaml(tmp_path):
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         install_params("nope", tmp_path)
     assert (tmp_path / "params.yaml").read_text() == mine  # untouched after an error
+
+
+def _stamp(name: str, body: str = "") -> str:
+    """A stage script that records its start and end times in <name>.span and runs ``body`` between."""
+    return (f"import os, pathlib, time; t0 = time.time(); {body}; "
+            f"pathlib.Path('{name}.span').write_text(f'{{t0}} {{time.time()}}')")
+
+
+@pytest.mark.slow
+def test_spo_flow_is_dvcs_graph_runs_independent_stages_at_once_and_publishes_tables(
+        prefect_api, tmp_path, monkeypatch):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.spo import spo
+
+    monkeypatch.setenv("SPO_GPUS", "0,1,2,3")
+    monkeypatch.setenv("SPO_GPU_LOCK_DIR", str(tmp_path / "leases"))
+    # slow and fast are independent; gpu2 asks for 2 GPUs (launch.num_processes); report needs both
+    # and writes a result table.
+    devices = "pathlib.Path('gpu2.txt').write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))"
+    table = ("os.makedirs('report', exist_ok=True); "
+             "pathlib.Path('report/table.md').write_text('| model | reward |\\n|---|---|\\n| lora | 0.9 |\\n')")
+    repo = make_repo(tmp_path / "repo", {
+        "report": shell_stage(_stamp("report", table), deps=["slow.txt", "gpu2.txt"], outs=["report"]),
+        "slow": shell_stage(_stamp("slow", "time.sleep(4); " + write("slow.txt", "s")), outs=["slow.txt"]),
+        "gpu2": shell_stage(_stamp("gpu2", "time.sleep(4); " + devices), params=["gpu2.launch"], outs=["gpu2.txt"]),
+    }, params={"gpu2": {"launch": {"num_processes": 2}}})
+
+    state = spo(repo=str(repo), gpu_stages=["gpu2"], return_state=True)
+    result, flow_run_id = state.result(), state.state_details.flow_run_id
+
+    assert set(result) == {"slow", "gpu2", "report"} and all(r["ran"] for r in result.values())
+    spans = {s: tuple(map(float, (repo / f"{s}.span").read_text().split())) for s in result}
+    assert spans["slow"][0] < spans["gpu2"][1] and spans["gpu2"][0] < spans["slow"][1]  # they overlapped
+    assert spans["report"][0] >= max(spans["slow"][1], spans["gpu2"][1])  # after both
+    seen = (repo / "gpu2.txt").read_text().split(",")
+    assert len(seen) == 2 and len(set(seen)) == 2 and set(seen) <= {"0", "1", "2", "3"}
+    assert result["gpu2"]["devices"] == ",".join(seen) and result["slow"]["devices"] == ""
+
+    with get_client(sync_client=True) as client:
+        runs = {tr.id: tr for tr in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[flow_run_id])))}
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    edges = {tr.name: sorted(runs[i.id].name for i in tr.task_inputs.get("wait_for", [])) for tr in runs.values()}
+    assert edges == {"slow": [], "gpu2": [], "report": ["gpu2", "slow"]}  # DVC's edges, drawn by the Prefect UI
+    tables = [a for a in artifacts if a.key == "report-table"]
+    assert len(tables) == 1 and "| lora | 0.9 |" in tables[0].data

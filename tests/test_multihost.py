@@ -1,0 +1,187 @@
+"""Two hosts simulated on one machine: two clones in separate folders, one Prefect server and one MLflow
+tracking server on 127.0.0.1 (started by scripts/services.sh), one process worker per clone on one
+work pool, a local folder as the shared DVC remote. The micro pipeline and a 4-variant ablation run
+with ``dispatch=pool``; their stages and variants spread over both workers, every run lands in one
+MLflow experiment under its parent run, and a third clone reproduces the outputs from the remote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["toy_world", "toy_pretrain", "toy_prefs", "toy_pickscore", "prompts", "noisy_pairs", "train_pm",
+          "train_spo", "evaluate"]
+SPEC = {"table": "multihost_k", "description": "SPO on the tiny profile, k = 2..5, over the work pool.",
+        "params": "tiny",
+        "train": {"stage": "train_spo", "set": ["train.output_dir={out}/train", "train.rounds=1",
+                                                "train.prompts_per_round=1", "sampler.num_steps=2",
+                                                "train.export_kohya=false"]},
+        "variants": {f"k{k}": [f"sampler.k={k}"] for k in (2, 3, 4, 5)},
+        "columns": ["train_spo.total_unet_evals"]}
+
+
+def _sh(cmd, cwd, env, timeout=900) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _origin(tmp: Path, env: dict) -> Path:
+    """A git repository of this checkout's files with the micro profile, the ablation spec and the
+    shared DVC remote (holding the input data) as its default."""
+    origin = tmp / "origin"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (origin / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, origin / f)
+    _sh(["python", "-m", "spo_core.cli", "params", "micro", "-o", "params.yaml"], origin, env)
+    (origin / "multihost_k.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    _sh(["git", "init", "-q", "-b", "main"], origin, env)
+    _sh(["dvc", "pull", "-q", "data.dvc"], origin, env)  # from the repository's own store
+    _sh(["dvc", "remote", "add", "-d", "shared", str(tmp / "remote")], origin, env)
+    _sh(["dvc", "push", "-q", "data.dvc"], origin, env)
+    _sh(["git", "add", "-A"], origin, env)
+    _sh(["git", "commit", "-qm", "micro"], origin, env)
+    return origin
+
+
+def _clone(origin: Path, dst: Path, env: dict) -> Path:
+    _sh(["git", "clone", "-q", str(origin), str(dst)], dst.parent, env)
+    _sh(["dvc", "pull", "-q", "data.dvc"], dst, env)  # from the shared remote
+    return dst
+
+
+@pytest.mark.slow
+def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("SPO_DISABLE_MLFLOW", None)
+    for k in ("SPO_REPO_ROOT", "SPO_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SPO_GPUS"):
+        env.pop(k, None)
+    origin = _origin(tmp_path, env)
+    hosts = {h: _clone(origin, tmp_path / h, env) for h in ("host1", "host2")}
+
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    services = hosts["host1"] / "scripts" / "services.sh"
+    started = []  # (script, its environment) to stop at the end
+
+    def service(cmd: str, script: Path, **extra: str) -> None:
+        e = {**env, **extra}
+        started.append((script, e))
+        _sh(["bash", str(script), cmd], script.parents[1], e, timeout=300)
+
+    try:
+        service("server", services, SPO_PREFECT_PORT=str(prefect_port), SPO_SERVICES_RUN=str(tmp_path / "svc-server"))
+        service("tracking", services, MLFLOW_PORT=str(mlflow_port), SPO_SERVICES_RUN=str(tmp_path / "svc-tracking"),
+                SPO_MLFLOW_BACKEND=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                SPO_MLFLOW_ARTIFACTS=str(tmp_path / "mlflow-artifacts"))
+        for name, clone in hosts.items():  # one worker per host; each host has one (fake) GPU
+            service("worker", clone / "scripts" / "services.sh", SPO_SERVICES_RUN=str(tmp_path / f"svc-{name}"),
+                    SPO_WORKER_NAME=name, SPO_WORKER_LIMIT="4", SPO_GPUS="0",
+                    SPO_GPU_LOCK_DIR=str(tmp_path / f"leases-{name}"))
+        _sh(["python", "-m", "flows.deploy", "--pool", "spo"], hosts["host1"], env)
+        _sh(["prefect", "deployment", "run", "spo/full", "-p", "dispatch=pool", "--watch",
+             "--watch-timeout", "1500"], tmp_path, env, timeout=1600)
+        _sh(["prefect", "deployment", "run", "ablation/table", "-p", "spec=multihost_k.yaml", "-p", "dispatch=pool",
+             "--watch", "--watch-timeout", "900"], tmp_path, env, timeout=1000)
+        check_spread_and_tracking(env, hosts)
+        check_reproducible(tmp_path, origin, hosts, env)
+    finally:
+        for script, e in reversed(started):
+            subprocess.run(["bash", str(script), "stop"], cwd=script.parents[1], env=e, capture_output=True,
+                           timeout=120)
+
+
+def _results(key: str) -> list[dict]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.spo import JSON_BLOCK
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return [json.loads(JSON_BLOCK.search(a.data).group(1)) for a in found]
+
+
+def check_spread_and_tracking(env: dict, hosts: dict[str, Path]) -> None:
+    import mlflow
+
+    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    try:
+        stages = {r["stage"]: r for r in _results("dvc-stage-result")}
+        variants = _results("ablation-variant-result")
+    finally:
+        del os.environ["PREFECT_API_URL"]
+    assert sorted(stages) == sorted(STAGES) and all(r["ran"] for r in stages.values())
+    assert len(variants) == 4
+    where = [r["repo"] for r in [*stages.values(), *variants]]
+    assert set(where) == {str(p.resolve()) for p in hosts.values()}, where  # both workers took work
+    from spo_core.dvc_graph import DEFAULT_GPU_STAGES
+
+    for r in stages.values():  # a GPU stage leased its host's one GPU, the others none
+        assert r["devices"] == ("0" if r["stage"] in DEFAULT_GPU_STAGES else ""), r
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (exp,) = [e for e in client.search_experiments() if e.name == "spo"]
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_id = {r.info.run_id: r for r in runs}
+    (pipeline,) = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
+    (table,) = [r for r in runs if r.data.tags.get("stage") == "ablation"]
+    rows = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == table.info.run_id]
+    assert sorted(r.info.run_name for r in rows) == ["k2", "k3", "k4", "k5"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags.get("mlflow.parentRunId") in by_id for r in runs if r not in (pipeline, table))
+    # Artifacts went through the server into its one store, not into a host's folder.
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
+    evaluate = next(r for r in children if r.data.tags["stage"] == "evaluate")
+    assert "table.md" in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
+
+
+def check_reproducible(tmp: Path, origin: Path, hosts: dict[str, Path], env: dict) -> None:
+    # The clone that ran spo/full absorbed every stage's dvc.lock entry and output.
+    coordinator = next(p for p in hosts.values() if (p / "dvc.lock").is_file()
+                       and set(STAGES) <= set((yaml.safe_load((p / "dvc.lock").read_text()) or {}).get("stages", {})))
+    assert "up to date" in _sh(["dvc", "status"], coordinator, env)
+    report = hosts["host1"] / "reports" / "multihost_k.md"
+    report = report if report.exists() else hosts["host2"] / "reports" / "multihost_k.md"
+    assert "| k5" in report.read_text()
+    # A third clone with what a commit would carry (dvc.lock, the metrics files) reproduces the
+    # outputs from the DVC remote alone.
+    third = _clone(origin, tmp / "host3", env)
+    shutil.copy2(coordinator / "dvc.lock", third / "dvc.lock")
+    for m in (coordinator / "metrics").glob("*.json"):
+        shutil.copy2(m, third / "metrics" / m.name)
+    _sh(["dvc", "pull"], third, env)
+    assert "up to date" in _sh(["dvc", "status"], third, env)
+    for out in ("artifacts/spo/lora", "artifacts/evaluate", "artifacts/pm", "artifacts/toy/base"):
+        assert _digest(third / out) == _digest(coordinator / out), out
