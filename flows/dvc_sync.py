@@ -64,12 +64,16 @@ def _lockfile(root: Path, name: str) -> tuple[Path, str]:
 
 def stage_record(root: str | os.PathLike, name: str) -> dict[str, Any]:
     """``{"lock": <dvc.lock entry>, "files": {path: text}}`` for a stage that ran (or is up to date) here."""
-    import yaml
+    import json
+
     from dvc.repo import Repo
+    from dvc.utils.serialize import load_yaml
 
     root = Path(root).resolve()
     lock_path, key = _lockfile(root, name)
-    entry = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).get(key) if lock_path.is_file() else None
+    # DVC's own YAML 1.2 reader: PyYAML (1.1) reads `no` as False and `1e-08` as a string, and the
+    # entry would no longer match params.yaml on the other host.
+    entry = (load_yaml(str(lock_path)) or {}).get("stages", {}).get(key) if lock_path.is_file() else None
     if entry is None:
         raise SyncFailed(f"stage '{name}' has no entry in {lock_path} after it ran: was it run with --no-commit?")
     files: dict[str, str] = {}
@@ -82,7 +86,7 @@ def stage_record(root: str | os.PathLike, name: str) -> dict[str, Any]:
                 raise SyncFailed(f"{path} (an uncached output of '{name}') is over 1 MiB: declare it cached in dvc.yaml "
                                  "so that it travels through the DVC remote")
             files[path.relative_to(root).as_posix()] = path.read_text()
-    return {"lock": entry, "files": files}
+    return {"lock": json.loads(json.dumps(entry)), "files": files}
 
 
 def push(root: str | os.PathLike, name: str) -> None:

@@ -35,9 +35,11 @@ class _Drop(logging.Filter):
 
 def install() -> None:
     # Outside a terminal (dvc repro's log, CI, Prefect) a progress bar redraws at most every 30 s
-    # instead of ten times a second. tqdm reads TQDM_* when it is imported, which is after this.
+    # instead of ten times a second (MAXINTERVAL too: tqdm's monitor thread otherwise redraws a
+    # stalled bar every 10 s). tqdm reads TQDM_* when it is imported, which is after this.
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+        os.environ.setdefault("TQDM_MAXINTERVAL", "30")
     for name in QUIETED:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name, fragments in DROPPED.items():
