@@ -167,6 +167,7 @@ def dispatch_stage(stage: str, force: bool, upstream: dict[str, dict[str, Any]],
 
 TABLE_FILES = ("table.md", "accuracy.md")  # evaluate's table, train_pm's accuracy per timestep
 RESULT_KEY = "dvc-stage-result"
+PIPELINE_KEY = "spo-pipeline-result"  # dispatch=pool: which clone took in every stage
 JSON_BLOCK = re.compile(r"```json\n(.*)\n```", re.S)
 
 
@@ -310,6 +311,9 @@ def spo(target: str | None = None, force: bool = False, params: str | None = Non
         results = _gather(futures)
         if dispatch == "pool":
             dvc_sync.absorb(root, {s: r["record"] for s, r in results.items()})
+            where = {s: {k: r[k] for k in ("host", "repo", "devices", "seconds", "ran")} for s, r in results.items()}
+            publish_json(PIPELINE_KEY, {"host": socket.gethostname(), "repo": str(root), "stages": where},
+                         f"pipeline complete in {root} on {socket.gethostname()}: commit its dvc.lock and metrics/")
         ctx["empty"] = _summarise(results, root)
     return results
 
@@ -329,6 +333,8 @@ def _gather(futures: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if fut.state.is_failed() or fut.state.is_crashed():
             fut.result()  # raises the stage's own exception (StageFailed with its stderr)
     return {name: fut.result() for name, fut in futures.items()}
+
+
 @contextlib.contextmanager
 def _parent_run(name: str, meta: dict[str, Any]):
     """The MLflow run the stage runs nest under, named after the Prefect flow run.
