@@ -168,7 +168,7 @@ def dispatch_stage(stage: str, force: bool, upstream: dict[str, dict[str, Any]],
 TABLE_FILES = ("table.md", "accuracy.md")  # evaluate's table, train_pm's accuracy per timestep
 RESULT_KEY = "dvc-stage-result"
 PIPELINE_KEY = "spo-pipeline-result"  # dispatch=pool: which clone took in every stage
-JSON_BLOCK = re.compile(r"```json\n(.*)\n```", re.S)
+JSON_BLOCK = re.compile(r"```json\n(.*)\n```", re.DOTALL)
 
 
 def _slug(text: str) -> str:
@@ -238,7 +238,12 @@ def publish_json(key: str, data: dict[str, Any], summary: str) -> None:
 def read_artifact_json(flow_run_id, key: str) -> dict[str, Any]:
     """The data of the ``key`` artifact that flow run ``flow_run_id`` published (on any host)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
@@ -329,7 +334,7 @@ def _stage_task(stage: str, gpu: list[str] | None):
 def _gather(futures: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Wait for every stage; raise the first failure in DVC order (stages after it never started)."""
     wait(list(futures.values()))
-    for name, fut in futures.items():
+    for fut in futures.values():
         if fut.state.is_failed() or fut.state.is_crashed():
             fut.result()  # raises the stage's own exception (StageFailed with its stderr)
     return {name: fut.result() for name, fut in futures.items()}

@@ -85,3 +85,41 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    """MLflow on, into tmp_path; yields a function returning the runs of experiment ``spo``."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("SPO_DISABLE_MLFLOW", raising=False)
+    monkeypatch.delenv("SPO_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SPO_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # mlflow's process-global URI wins over the environment variable
+    yield lambda: mlflow.search_runs(experiment_names=["spo"], order_by=["start_time ASC"])
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def copy_checkout():
+    """Factory: ``copy_checkout(dst)`` copies this checkout's git-tracked files (as they are now, edits
+    included) to ``dst``, a stand-in for a fresh clone."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def copy(dst: Path) -> Path:
+        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+        for f in files:
+            if (root / f).is_file():
+                (dst / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / f, dst / f)
+        return dst
+
+    return copy

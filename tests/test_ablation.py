@@ -32,22 +32,6 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def tracked(tmp_path, monkeypatch):
-    """MLflow on, into tmp_path; yields a function returning the runs of experiment ``spo``."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.delenv("SPO_DISABLE_MLFLOW", raising=False)
-    monkeypatch.delenv("SPO_PARENT_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("SPO_MLRUNS_DIR", str(tmp_path / "mlruns"))
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # mlflow's process-global URI wins over the environment variable
-    yield lambda: mlflow.search_runs(experiment_names=["spo"], order_by=["start_time ASC"])
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
 
 PROMPTS_PARAMS = {"prompts": {"train": {"source": "list", "prompts": ["a", "b", "c", "d"]},
                               "eval": {"source": "list", "prompts": ["e", "f"]}}}
@@ -305,7 +289,9 @@ def test_spo_ablation_command_runs_tables_one_after_another(workdir, tracked, ca
     assert not (workdir / "artifacts/ablations/ta/n3").exists()
     assert main(["ablation", "ta.yaml", "nope"]) == 2
     assert "unknown ablation 'nope'" in capsys.readouterr().err
-    from flows.ablation import main as flow_main  # the Prefect flow's command line shares the parsing
+    from flows.ablation import (
+        main as flow_main,  # the Prefect flow's command line shares the parsing
+    )
 
     assert flow_main(["ta.yaml", "nope"]) == 2 and not (workdir / "artifacts/ablations/ta/n3").exists()
 

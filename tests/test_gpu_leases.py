@@ -91,22 +91,6 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def tracked(tmp_path, monkeypatch):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.delenv("SPO_DISABLE_MLFLOW", raising=False)
-    monkeypatch.delenv("SPO_PARENT_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("SPO_MLRUNS_DIR", str(tmp_path / "mlruns"))
-    mlflow.set_tracking_uri(uri)
-    yield lambda: mlflow.search_runs(experiment_names=["spo"], order_by=["start_time ASC"])
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
 def _spec(workdir, table: str, variants: dict) -> str:
     spec = {"table": table, "params": "params.yaml",
             "train": {"stage": "prompts", "set": ["output_dir={out}/prompts"]}, "variants": variants}

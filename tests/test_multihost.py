@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["toy_world", "toy_pretrain", "toy_prefs", "toy_pickscore", "prompts", "noisy_pairs", "train_pm",
           "train_spo", "evaluate"]
 SPEC = {"table": "multihost_k", "description": "SPO on the tiny profile, k = 2..5, over the work pool.",
@@ -50,15 +49,10 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _origin(tmp: Path, env: dict) -> Path:
+def _origin(origin: Path, env: dict) -> Path:
     """A git repository of this checkout's files with the micro profile, the ablation spec and the
     shared DVC remote (holding the input data) as its default."""
-    origin = tmp / "origin"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (origin / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, origin / f)
+    tmp = origin.parent
     _sh(["python", "-m", "spo_core.cli", "params", "micro", "-o", "params.yaml"], origin, env)
     (origin / "multihost_k.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
     _sh(["git", "init", "-q", "-b", "main"], origin, env)
@@ -77,13 +71,13 @@ def _clone(origin: Path, dst: Path, env: dict) -> Path:
 
 
 @pytest.mark.slow
-def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_path):
+def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_path, copy_checkout):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("SPO_DISABLE_MLFLOW", None)
     for k in ("SPO_REPO_ROOT", "SPO_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SPO_GPUS"):
         env.pop(k, None)
-    origin = _origin(tmp_path, env)
+    origin = _origin(copy_checkout(tmp_path / "origin"), env)
     hosts = {h: _clone(origin, tmp_path / h, env) for h in ("host1", "host2")}
 
     prefect_port, mlflow_port = _free_port(), _free_port()

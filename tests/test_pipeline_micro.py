@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
@@ -23,13 +20,8 @@ def _sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
 
 
 @pytest.mark.slow
-def test_dvc_repro_micro_pipeline(tmp_path: Path):
-    repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
+def test_dvc_repro_micro_pipeline(tmp_path: Path, copy_checkout):
+    repo = copy_checkout(tmp_path / "repo")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "SPO_MLRUNS_DIR": str(tmp_path / "mlruns"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
