@@ -75,7 +75,8 @@ def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("SPO_DISABLE_MLFLOW", None)
-    for k in ("SPO_REPO_ROOT", "SPO_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SPO_GPUS"):
+    for k in ("SPO_REPO_ROOT", "SPO_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "SPO_GPUS",
+              "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by mlflow.set_experiment in earlier tests
         env.pop(k, None)
     origin = _origin(copy_checkout(tmp_path / "origin"), env)
     hosts = {h: _clone(origin, tmp_path / h, env) for h in ("host1", "host2")}
@@ -114,18 +115,21 @@ def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_pat
                            timeout=120)
 
 
-def _artifacts(key: str) -> list[str]:
+def _artifacts(api_url: str, key: str) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    # temporary_settings, not the environment: in a full test run the session's test server
+    # (prefect_test_harness) holds the settings context and would answer instead.
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         return [a.data for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))]
 
 
-def _results(key: str) -> list[dict]:
+def _results(api_url: str, key: str) -> list[dict]:
     from flows.spo import JSON_BLOCK
 
-    return [json.loads(JSON_BLOCK.search(data).group(1)) for data in _artifacts(key)]
+    return [json.loads(JSON_BLOCK.search(data).group(1)) for data in _artifacts(api_url, key)]
 
 
 def check_spread_and_tracking(env: dict, hosts: dict[str, Path], store: Path) -> Path:
@@ -133,14 +137,11 @@ def check_spread_and_tracking(env: dict, hosts: dict[str, Path], store: Path) ->
     the clone that ran ``spo/full`` (the one that took in every stage's dvc.lock entry and outputs)."""
     import mlflow
 
-    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-    try:
-        stages = {r["stage"]: r for r in _results("dvc-stage-result")}
-        variants = _results("ablation-variant-result")
-        tables = _artifacts("evaluate-table")
-        (pipeline_run,) = _results("spo-pipeline-result")
-    finally:
-        del os.environ["PREFECT_API_URL"]
+    api = env["PREFECT_API_URL"]
+    stages = {r["stage"]: r for r in _results(api, "dvc-stage-result")}
+    variants = _results(api, "ablation-variant-result")
+    tables = _artifacts(api, "evaluate-table")
+    (pipeline_run,) = _results(api, "spo-pipeline-result")
     assert sorted(stages) == sorted(STAGES) and all(r["ran"] for r in stages.values())
     # The evaluation table is a Prefect artifact, with a link to the evaluate stage's MLflow run.
     assert len(tables) == 1 and "toy_reward" in tables[0] and env["MLFLOW_TRACKING_URI"] in tables[0]

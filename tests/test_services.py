@@ -27,6 +27,9 @@ _SCRUB = (
     "SPO_MLFLOW_ADMIN_PASSWORD", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "SPO_MLFLOW_ALLOWED_HOSTS",
     "SPO_PREFECT_HOST", "SPO_MLFLOW_HOST", "SPO_WORKER_LIMIT",
+    # mlflow.set_experiment() in an earlier test of the session exports the experiment's id: a fresh
+    # server has no such experiment.
+    "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
 )
 
 
