@@ -189,3 +189,37 @@ def check_reproducible(tmp: Path, origin: Path, coordinator: Path, env: dict) ->
     assert "up to date" in _sh(["dvc", "status"], third, env)
     for out in ("artifacts/spo/lora", "artifacts/evaluate", "artifacts/pm", "artifacts/toy/base"):
         assert _digest(third / out) == _digest(coordinator / out), out
+
+
+def test_a_stage_record_carries_its_lock_entry_and_outputs_to_another_clone(tmp_path):
+    """What one host ran is up to date in another clone after absorb: params that YAML 1.1 and 1.2
+    read differently (`no`, `1e-08`) survive the trip, the cached output comes from the remote and
+    the uncached metrics file from the record."""
+    from flows import dvc_sync
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    script = ("import pathlib, yaml; p = yaml.safe_load(open('params.yaml'))['s']; "
+              "pathlib.Path('out').mkdir(exist_ok=True); pathlib.Path('out/x.txt').write_text(str(p)); "
+              "pathlib.Path('m.json').write_text('{\"n\": 1}')")
+    (origin / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {
+        "cmd": f"python -c {json.dumps(script)}", "params": ["s.mixed_precision", "s.eps"], "outs": ["out"],
+        "metrics": [{"m.json": {"cache": False}}]}}}))
+    (origin / "params.yaml").write_text("s:\n  mixed_precision: 'no'\n  eps: 1.0e-08\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "remote", "add", "-d", "shared",
+                                                                  str(tmp_path / "remote")],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "s"]):
+        _sh(cmd, origin, env)
+    a, b = (tmp_path / "a", tmp_path / "b")
+    for clone in (a, b):
+        _sh(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    _sh(["dvc", "repro"], a, env)
+    dvc_sync.push(a, "s")
+    record = dvc_sync.stage_record(a, "s")
+    assert record["files"] == {"m.json": '{"n": 1}'}
+    dvc_sync.absorb(b, {"s": record})
+    assert (b / "out/x.txt").read_text() == (a / "out/x.txt").read_text()
+    assert (b / "m.json").read_text() == '{"n": 1}'
+    assert "up to date" in _sh(["dvc", "status"], b, env)

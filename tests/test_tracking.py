@@ -145,3 +145,26 @@ def test_a_training_run_records_images_config_history_data_and_a_registered_lora
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train_prompts"]
     version = client.get_model_version("spo-lora", "1")
     assert version.run_id == run.info.run_id and version.tags["base_model"] == "tiny:sd15"
+
+
+def test_an_experiment_on_a_tracking_server_keeps_its_artifacts_in_the_servers_store(tmp_path, monkeypatch):
+    """Against http(s) the experiment is created without this host's folder as its artifact location,
+    so that every host's artifacts go to the server's one store (mlflow-artifacts:/)."""
+    import mlflow
+
+    from spo_core import tracking
+
+    created = {}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("SPO_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5999")
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)
+    monkeypatch.setattr(mlflow, "create_experiment", lambda name, **kw: created.update(name=name, **kw))
+    monkeypatch.setattr(mlflow, "set_experiment", lambda name: None)
+    tracking.setup_mlflow("spo")
+    assert created["name"] == "spo" and "artifact_location" not in created
+    # A local store keeps its artifacts beside the database, as before.
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup_mlflow("spo")
+    assert created["artifact_location"] == (tmp_path / "mlruns" / "artifacts").resolve().as_uri()
