@@ -47,11 +47,11 @@ def dvc(root: str | os.PathLike, *args: str) -> str:
 def _stage(repo, name: str):
     from dvc.stage import PipelineStage
 
-    from spo_core.dvc_graph import _address
+    from spo_core.dvc_graph import stage_address
 
     root = Path(repo.root_dir)
     for st in repo.index.stages:
-        if isinstance(st, PipelineStage) and _address(st, root) == name:  # st.addressing is relative to the cwd
+        if isinstance(st, PipelineStage) and stage_address(st, root) == name:  # st.addressing is relative to the cwd
             return st
     raise SyncFailed(f"no stage '{name}' in {repo.root_dir}: the hosts must check out the same commit")
 

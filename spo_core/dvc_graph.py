@@ -17,8 +17,8 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "stage_graph",
-           "stage_order"]
+__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "stage_address",
+           "stage_graph", "stage_order"]
 
 # Stages that run a diffusion model or train one (the toy world's pretraining and its scorer too).
 DEFAULT_GPU_STAGES = frozenset({
@@ -37,7 +37,7 @@ def base_name(stage: str) -> str:
     return stage.rsplit(":", 1)[-1].split("@", 1)[0]
 
 
-def _address(stage, root: Path) -> str:
+def stage_address(stage, root: Path) -> str:
     """How ``dvc repro`` run in ``root`` names the stage: ``name``, or ``sub/dvc.yaml:name``."""
     dvcfile = Path(os.path.relpath(stage.path, root)).as_posix()
     return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
@@ -78,11 +78,11 @@ def stage_graph(root: str | os.PathLike = ".", target: str | None = None) -> dic
             try:
                 stages = collect_stages(repo, targets)
             except DvcException as exc:
-                known = sorted(_address(s, root) for s in repo.index.stages if isinstance(s, PipelineStage))
+                known = sorted(stage_address(s, root) for s in repo.index.stages if isinstance(s, PipelineStage))
                 raise DvcGraphError(f"unknown stage '{target}' ({exc}): choose one of {known}") from None
             graph = get_active_graph(repo.index.graph)
             steps = [s for s in plan_repro(graph, stages) if isinstance(s, PipelineStage)]
-            names = {s: _address(s, root) for s in steps}
+            names = {s: stage_address(s, root) for s in steps}
             # An edge stage -> dependency (DVC draws the dependency above); .dvc sources are not stages.
             out = {names[s]: [names[d] for d in steps if graph.has_edge(s, d)] for s in steps}
     except NotDvcRepoError as exc:
