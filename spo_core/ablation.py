@@ -244,6 +244,12 @@ def stage_entry(stage: str) -> tuple[type[BaseModel], Callable[[Any], dict]]:
     return cfg_cls, run
 
 
+def stage_section(stage: str) -> str:
+    """The params section ``spo_core.stages.<stage>`` reads: its ``SECTION``, else its own name
+    (``evaluate_base`` reads ``evaluate``)."""
+    return getattr(importlib.import_module(f"spo_core.stages.{stage}"), "SECTION", stage)
+
+
 def variant_dir(spec: AblationSpec, variant: str) -> Path:
     return Path(spec.output_root) / spec.table / variant
 

@@ -33,6 +33,7 @@ STAGES = {
     "train-diffusion-dpo": "train_diffusion_dpo",
     "train-d3po": "train_d3po",
     "train-ddpo": "train_ddpo",
+    "evaluate-base": "evaluate_base",
     "evaluate": "evaluate",
     "generate": "generate",
 }
@@ -51,6 +52,7 @@ DESCRIPTIONS = {
     "train-diffusion-dpo": "train a Diffusion-DPO LoRA (baseline)",
     "train-d3po": "train a D3PO LoRA (baseline)",
     "train-ddpo": "train a DDPO LoRA (baseline)",
+    "evaluate-base": "generate and score the base model alone (kept for evaluate, which reuses it)",
     "evaluate": "score the base model and the LoRAs with AI-feedback scorers, with CIs",
     "generate": "generate images from a model, optionally with a LoRA",
     "ablation": "run ablation tables (spo_core/ablations/*.yaml)",

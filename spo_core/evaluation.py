@@ -15,6 +15,8 @@ Data flow::
     results_table / winrate_table / ...       markdown in the shape of the paper's Tables 1-2
     comparison_grid(...)                      rows = prompts, columns = models, same seeds
     write_outputs(out_dir, ...)               scores.parquet, summary.csv, winrates.csv, table.md, grid.png
+    write_base_results / read_base_results    the base model's rows and grid tiles, kept by the stage
+                                              ``evaluate_base`` and reused while its settings match
 
 Images are never held for the whole run: each batch is scored and dropped (only the few grid
 images are kept), so 500 prompts of SDXL cost no more memory than one batch.
@@ -23,6 +25,8 @@ images are kept), so 500 prompts of SDXL cost no more memory than one batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import re
@@ -321,6 +325,81 @@ def evaluate_models(
                  ", ".join(f"{c}={frame[c].mean():.4f}" for c in scorers))
     scores = pd.concat(frames, ignore_index=True)
     return EvaluationRun(scores, list(scorers), names, list(prompts[:n_grid]), grid)
+
+
+def merge_runs(first: EvaluationRun, second: EvaluationRun | None) -> EvaluationRun:
+    """Two runs on the same prompts and seeds as one (``first``'s models first)."""
+    if second is None:
+        return first
+    if first.grid_prompts != second.grid_prompts or first.scorer_columns != second.scorer_columns:
+        raise EvaluationError("cannot merge evaluations with different grid prompts or scorers")
+    scores = pd.concat([first.scores, second.scores], ignore_index=True)
+    return EvaluationRun(scores, first.scorer_columns, first.models + second.models, first.grid_prompts,
+                         {**first.grid_images, **second.grid_images})
+
+
+# ----------------------------------------------------------------------------------------------
+# The base model's results, kept for reuse (stage evaluate_base)
+
+BASE_FILES = {"scores": "scores.parquet", "grid": "grid_tiles.safetensors", "settings": "settings.json"}
+_EDGE_BYTES = 1 << 20
+
+
+def path_digest(path: str | None) -> str | None:
+    """A short fingerprint of a local file or folder (sizes plus the first and last MiB of each file:
+    cheap on multi-GB weights, and any retraining changes them); a hub id or None as it is."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(_EDGE_BYTES))
+            if size > 2 * _EDGE_BYTES:
+                fh.seek(-_EDGE_BYTES, 2)
+                h.update(fh.read(_EDGE_BYTES))
+    return h.hexdigest()
+
+
+def write_base_results(out_dir: str | Path, run: EvaluationRun, settings: dict) -> None:
+    """Keep the base model's rows, grid tiles and the settings they were made with in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / BASE_FILES["scores"]) as tmp:
+        run.scores.to_parquet(tmp, index=False)
+    # 8-bit tiles (the grid's images are 8-bit levels already when ``quantize`` is on)
+    tiles = {BASE: (run.grid_images[BASE].clamp(0, 1) * 255).round().to(torch.uint8).contiguous()} \
+        if BASE in run.grid_images else {}
+    with atomic_path(out / BASE_FILES["grid"]) as tmp:
+        save_file(tiles, str(tmp))
+    record = {"settings": settings, "scorer_columns": run.scorer_columns, "grid_prompts": run.grid_prompts}
+    write_text_atomic(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n", out / BASE_FILES["settings"])
+
+
+def read_base_results(base_dir: str | Path, settings: dict) -> tuple[EvaluationRun | None, str]:
+    """The kept base results if they were made with exactly ``settings``; else ``(None, why not)``."""
+    from safetensors.torch import load_file
+
+    folder = Path(base_dir)
+    if not all((folder / name).is_file() for name in BASE_FILES.values()):
+        return None, f"no base results in '{folder}' (the stage evaluate_base writes them)"
+    record = json.loads((folder / BASE_FILES["settings"]).read_text())
+    kept = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if record.get("settings") != kept:
+        differ = sorted(k for k in set(kept) | set(record.get("settings", {}))
+                        if kept.get(k) != record.get("settings", {}).get(k))
+        return None, f"the base results in '{folder}' were made with other settings ({', '.join(differ)})"
+    scores = pd.read_parquet(folder / BASE_FILES["scores"])
+    grid = {k: v.float() / 255 for k, v in load_file(str(folder / BASE_FILES["grid"])).items()}
+    return EvaluationRun(scores, list(record["scorer_columns"]), [BASE], list(record["grid_prompts"]), grid), ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,11 +248,12 @@ ALWAYS_OPERATIONAL = {"device", "num_threads", "launch", "checkpoint_every", "ke
 
 @pytest.mark.parametrize("stage", sorted(_dvc_stages()))
 def test_dvc_params_cover_every_result_key_and_no_operational_one(stage):
-    from spo_core.ablation import stage_entry
+    from spo_core.ablation import stage_entry, stage_section
     from spo_core.config import result_keys
 
     cls, _ = stage_entry(stage)
-    listed = ["" if k == stage else k.removeprefix(f"{stage}.") for k in _dvc_stages()[stage]["params"]]
+    section = stage_section(stage)
+    listed = ["" if k == section else k.removeprefix(f"{section}.") for k in _dvc_stages()[stage]["params"]]
     leaves = dict(_leaves(cls))
     covers = lambda key, leaf: key == "" or leaf == key or leaf.startswith(key + ".")  # noqa: E731 ("": the section)
     for key in listed:
@@ -263,7 +264,7 @@ def test_dvc_params_cover_every_result_key_and_no_operational_one(stage):
     assert not operational, f"dvc.yaml {stage}: params list operational keys {operational} (a change would rerun it)"
     assert not [leaf for leaf, op in leaves.items() if leaf.rsplit(".", 1)[-1] in ALWAYS_OPERATIONAL and not op]
     # Whole sub-sections where they hold no operational key: the list stays short and complete.
-    assert listed == result_keys(cls), f"dvc.yaml {stage}: write params as {[f'{stage}.{k}' for k in result_keys(cls)]}"
+    assert listed == result_keys(cls), f"dvc.yaml {stage}: write params as {[f'{section}.{k}' for k in result_keys(cls)]}"
 
 
 def test_result_keys_descend_only_into_sections_with_operational_keys():

@@ -309,7 +309,10 @@ def test_stage_cli_writes_outputs(loras, tmp_path, monkeypatch):
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 6 and set(scores["model"]) == {"base", "zero"}
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
-    assert metrics["zero/red/winrate_vs_base"] == 0.5 and metrics["zero/red/diff_vs_base"] == 0.0
+    assert metrics["zero/brightness/winrate_vs_base"] == 0.5 and metrics["zero/brightness/diff_vs_base"] == 0.0
+    # The headline (dvc metrics show) is the first scorer's; every scorer's figures are in metrics.json.
+    assert not [k for k in metrics if "/red/" in k]
+    assert json.loads((out / "metrics.json").read_text())["zero/red/winrate_vs_base"] == 0.5
     assert metrics["base/brightness/mean"] == pytest.approx(scores.query("model == 'base'")["brightness"].mean())
     wr = pd.read_csv(out / "winrates.csv")
     assert wr["model"].tolist() == ["zero", "zero"]
@@ -346,3 +349,56 @@ def test_stage_logs_to_mlflow(loras, tmp_path, monkeypatch):
                      ("scores.parquet", "summary.csv", "winrates.csv", "table.md", "grid.png")}
     table = mlflow.load_table("evaluate/summary.json", run_ids=[row["run_id"]])
     assert sorted(table["model"].unique()) == ["base", "pert"]
+
+
+# ---------------------------------------------------------------------------------------------- evaluate_base
+
+
+def test_evaluate_reuses_the_base_results_of_evaluate_base(loras, tmp_path, monkeypatch):
+    # A retrained LoRA used to regenerate and rescore the unchanged base model in every evaluation.
+    from spo_core.stages import evaluate_base
+
+    generated: list[list[str]] = []
+    real = stage.evaluate_models
+    monkeypatch.setattr(stage, "evaluate_models",
+                        lambda policy, models, *a, **k: generated.append([m.name for m in models]) or real(policy, models, *a, **k))
+    raw = _stage_cfg({"pert": loras["pert"]}, tmp_path / "eval", base_dir=str(tmp_path / "base"), save_images=True)
+    ref = stage.run(stage.EvaluateConfig.model_validate({**raw, "base_dir": None, "output_dir": str(tmp_path / "ref")}))
+    assert ref["base_reused"] == 0 and generated == [["base", "pert"]]
+
+    base_metrics = evaluate_base.run(evaluate_base.EvaluateBaseConfig.model_validate(raw))
+    assert base_metrics["base/brightness/mean"] == pytest.approx(ref["base/brightness/mean"])
+    got = stage.run(stage.EvaluateConfig.model_validate(raw))
+    assert generated[1:] == [["base"], ["pert"]] and got["base_reused"] == 1  # the base was not generated again
+    assert got == {**ref, "base_reused": 1}
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "eval/scores.parquet"),
+                                  pd.read_parquet(tmp_path / "ref/scores.parquet"))
+    assert (tmp_path / "eval/grid.png").read_bytes() == (tmp_path / "ref/grid.png").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "eval/images/base").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "ref/images/base").iterdir())
+
+    # Other settings than the kept results': the base is evaluated here, as without base_dir.
+    reseeded = stage.run(stage.EvaluateConfig.model_validate({**raw, "seed": 5}))
+    assert reseeded["base_reused"] == 0 and generated[-1] == ["base", "pert"]
+    # Without base_dir the stage evaluate_base refuses to run, in one line.
+    with pytest.raises(ValidationError, match="base_dir is not set"):
+        evaluate_base.EvaluateBaseConfig.model_validate({**raw, "base_dir": None})
+
+
+def test_path_digest_follows_the_weights(tmp_path):
+    from spo_core.evaluation import path_digest
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights = folder / "unet.safetensors"
+    weights.write_bytes(bytes(range(256)) * 20_000)  # ~5 MB: head and tail are read
+    first = path_digest(str(folder))
+    assert path_digest(str(folder)) == first and path_digest("org/model") == "org/model" and path_digest(None) is None
+    for offset in (10, weights.stat().st_size - 10):  # retrained weights change the head or the tail
+        data = bytearray(weights.read_bytes())
+        data[offset] ^= 1
+        weights.write_bytes(bytes(data))
+        assert path_digest(str(folder)) != first
+        data[offset] ^= 1
+        weights.write_bytes(bytes(data))
+    assert path_digest(str(folder)) == first

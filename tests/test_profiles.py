@@ -53,13 +53,16 @@ def _dvc_stages() -> dict:
 def test_dvc_yaml_runs_under_every_pipeline_profile(profile):
     # `spo params PROFILE > params.yaml && dvc repro` needs every stage's params section, and each
     # stage must write the very output path that dvc.yaml declares.
+    from spo_core.ablation import stage_entry, stage_section
+    from spo_core.stages.common import output_root
+
     raw = read_profile(profile)
     for name, stage in _dvc_stages().items():
-        assert name in raw, f"profile {profile} lacks section '{name}' that dvc.yaml's stage reads"
-        mod, cls = SECTIONS[name]
-        cfg = validate_section(getattr(importlib.import_module(mod), cls), raw[name], f"{profile}.{name}")
+        section = stage_section(name)
+        assert section in raw, f"profile {profile} lacks section '{section}' that dvc.yaml's stage {name} reads"
+        cfg = validate_section(stage_entry(name)[0], raw[section], f"{profile}.{section} (stage {name})")
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
-        written = getattr(cfg, "output_dir", None) or cfg.train.output_dir
+        written = str(output_root(cfg))
         assert written in outs, f"{profile}.{name} writes {written}, dvc.yaml expects {outs}"
 
 

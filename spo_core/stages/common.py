@@ -40,9 +40,10 @@ _METRICS_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("spo_
 
 
 def output_root(cfg: BaseModel) -> Path | None:
-    """The folder a stage writes: ``output_dir``, or ``train.output_dir`` for the training stages."""
-    for holder in (cfg, getattr(cfg, "train", None)):
-        out = getattr(holder, "output_dir", None)
+    """The folder a stage writes: ``output_dir`` (or the field its class names in ``OUTPUT_FIELD``),
+    or ``train.output_dir`` for the training stages."""
+    for holder, name in ((cfg, getattr(cfg, "OUTPUT_FIELD", "output_dir")), (getattr(cfg, "train", None), "output_dir")):
+        out = getattr(holder, name, None)
         if isinstance(out, str):
             return Path(out)
     return None
@@ -157,13 +158,16 @@ def headline_of(metrics: dict[str, Any], patterns: list[str] | None) -> dict[str
     return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in keep)}
 
 
+Headline = list[str] | Callable[[Any], list[str]] | None
+
+
 def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]],
-            headline: list[str] | None = None) -> dict[str, Any]:
+            headline: Headline = None) -> dict[str, Any]:
     """Run ``run_fn(cfg)`` inside an MLflow stage run; write ``<metrics dir>/<stage>.json``.
 
-    ``headline``: name patterns of the metrics that go to ``<metrics dir>/<stage>.json`` (what
-    ``dvc metrics show`` prints); every metric goes to MLflow and to ``metrics.json`` in the
-    stage's output folder.
+    ``headline``: name patterns (or a function of ``cfg`` returning them) of the metrics that go to
+    ``<metrics dir>/<stage>.json`` (what ``dvc metrics show`` prints); every metric goes to MLflow and
+    to ``metrics.json`` in the stage's output folder.
 
     Outputs, metrics and the MLflow record are committed together: the stage's output folder (or
     the files directly in it) and its metrics files are renamed into place only after the stage and
@@ -172,6 +176,8 @@ def execute(stage: str, cfg: BaseModel, run_fn: Callable[[Any], dict[str, Any]],
     if getattr(cfg, "enabled", True) is False:
         return skip_stage(stage, cfg) if is_main_process() else {}
     t0 = time.perf_counter()
+    if callable(headline):
+        headline = headline(cfg)
     if not is_main_process():
         return dict(run_fn(cfg) or {})
     root, mdir = output_root(cfg), metrics_dir(cfg)
@@ -206,14 +212,14 @@ def load_stage_config(stage: str, cfg_cls: type[BaseModel], params: str | Path =
     return load_section(params, stage, cfg_cls, overrides)
 
 
-def stage_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
+def stage_parser(stage: str, doc: str | None = None, section: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m spo_core.stages.{stage}",
                                      description=(doc or "").strip() or f"Run the '{stage}' stage.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", "--config", dest="params", default=DEFAULT_PARAMS, metavar="FILE_OR_PROFILE",
                         help="params file or profile name (toy, micro, tiny, sd15, sdxl); default params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a value of section '{stage}', e.g. --set train.rounds=3 (repeatable)")
+                        help=f"override a value of section '{section or stage}', e.g. --set train.rounds=3 (repeatable)")
     return parser
 
 
@@ -264,13 +270,15 @@ def relaunch(stage: str, argv: list[str], cfg: BaseModel) -> int:
 
 
 def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dict[str, Any]],
-               argv: list[str] | None = None, headline: list[str] | None = None) -> int:
+               argv: list[str] | None = None, headline: Headline = None, section: str | None = None) -> int:
     """The command line of a stage (DVC's ``python -m spo_core.stages.<stage>`` and ``spo <stage>``).
+
+    It reads section ``section`` of the params file (default: the stage's name).
 
     With ``launch.num_processes`` > 1 (and not already inside a launched process) it starts the stage
     again as that many processes through ``accelerate launch`` (:func:`relaunch`); with 1 it runs here.
     """
-    parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None))
+    parser = stage_parser(stage, getattr(sys.modules.get(getattr(run_fn, "__module__", "")), "__doc__", None), section)
     train_field = getattr(cfg_cls, "model_fields", {}).get("train")
     if train_field is not None and "resume" in getattr(train_field.annotation, "model_fields", {}):  # the trainers
         parser.add_argument("--resume", action="store_true",
@@ -281,7 +289,7 @@ def stage_main(stage: str, cfg_cls: type[BaseModel], run_fn: Callable[[Any], dic
     overrides = list(args.overrides) + (["train.resume=true"] if getattr(args, "resume", False) else [])
 
     def body() -> int:
-        cfg = load_stage_config(stage, cfg_cls, args.params, overrides)
+        cfg = load_stage_config(section or stage, cfg_cls, args.params, overrides)
         launch = getattr(cfg, "launch", None)
         if launch is not None and launch.num_processes > 1 and not launched():
             return relaunch(stage, argv, cfg)

@@ -4,11 +4,17 @@
 Writes ``scores.parquet``, ``summary.csv``, ``winrates.csv``, ``table.md`` and ``grid.png`` into
 ``output_dir`` (replaced as a whole, atomically), logs the tables and the grid to MLflow, and
 returns flat metrics ``<model>/<scorer>/<statistic>`` (``metrics/evaluate.json``).
+
+With ``base_dir`` set, the base model's images and scores are taken from there (the stage
+``evaluate_base`` writes them) when they were made with this evaluation's settings, base weights
+and scorer weights; otherwise the base is generated and scored here, as without ``base_dir``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -21,12 +27,17 @@ from ..evaluation import (
     EvalSamplerConfig,
     EvalScorerConfig,
     EvaluationError,
+    EvaluationRun,
+    ModelSpec,
     check_name,
     compare_to_base,
     comparison_grid,
     evaluate_models,
     flat_metrics,
+    merge_runs,
     model_specs,
+    path_digest,
+    read_base_results,
     report_markdown,
     summarize,
     write_outputs,
@@ -38,8 +49,14 @@ from .common import stage_main
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
-# what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
-HEADLINE = ["*/*/mean", "*/*/diff_vs_base", "*/*/diff_ci_low", "*/*/diff_ci_high", "*/*/winrate_vs_base", "num_prompts"]
+
+
+def headline(cfg: "EvaluateConfig") -> list[str]:
+    """What `dvc metrics show` prints: the first scorer's figures (every metric is in MLflow and in
+    ``{output_dir}/metrics.json``)."""
+    first = cfg.scorers[0].column
+    return [f"*/{first}/{s}" for s in ("mean", "diff_vs_base", "diff_ci_low", "diff_ci_high", "winrate_vs_base")] \
+        + ["num_prompts"]
 
 
 class EvaluateConfig(Strict):
@@ -64,6 +81,9 @@ class EvaluateConfig(Strict):
     grid_prompts: int = Field(default=8, ge=0)  # 0: no grid
     grid_image_size: int | None = Field(default=256, ge=8)  # tile side in grid.png; None: native size
     save_images: bool = False  # also write every image to output_dir/images/<model>/
+    # The stage evaluate_base's folder: the base's results are reused from there while their settings
+    # match (a retrained LoRA is evaluated without regenerating the base). None: evaluate the base here.
+    base_dir: str | None = None
     output_dir: str = "artifacts/evaluate"
     device: str = "auto"
 
@@ -92,28 +112,70 @@ def describe(cfg: EvaluateConfig, n_prompts: int) -> str:
             f"model {cfg.model.pretrained}; image (p, j) seed = {cfg.seed} + p * {cfg.images_per_prompt} + j for every model.")
 
 
-def run(cfg: EvaluateConfig) -> dict:
-    seed_everything(cfg.seed)
-    models = model_specs(cfg.loras, cfg.lora_scale)  # fails early on a missing LoRA
+def eval_prompts(cfg: EvaluateConfig) -> list[str]:
     prompts = load_prompts(**cfg.prompts.model_dump())
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
     if len(prompts) < 2:
         raise EvaluationError(f"evaluation needs at least 2 prompts for confidence intervals, got {len(prompts)}: "
                               "point prompts at a larger set or raise num_prompts")
+    return prompts
+
+
+def base_settings(cfg: EvaluateConfig, prompts: list[str]) -> dict:
+    """Everything the base model's images and scores depend on (what evaluate_base's results must match)."""
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "model_weights": path_digest(cfg.model.pretrained), "vae_weights": path_digest(cfg.model.vae),
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "num_prompts": len(prompts),
+        "images_per_prompt": cfg.images_per_prompt, "seed": cfg.seed, "sampler": cfg.sampler.model_dump(mode="json"),
+        "scorers": [s.model_dump(mode="json") for s in cfg.scorers],
+        "scorer_weights": [path_digest(s.path) for s in cfg.scorers],
+        "quantize": cfg.quantize, "grid_prompts": cfg.grid_prompts, "save_images": cfg.save_images,
+    }
+
+
+def generate(cfg: EvaluateConfig, models: list[ModelSpec], prompts: list[str], image_dir: Path | None) -> EvaluationRun:
+    """Generate and score ``models`` as ``cfg`` says (shared by evaluate and evaluate_base)."""
     device = resolve_device(cfg.device)
     scorers = {s.column: build_scorer(s.name, s.path, device, **s.options) for s in cfg.scorers}
     policy = load_policy(cfg.model, device)
     log.info("evaluating %s on %d prompts x %d images with scorers %s",
              [m.name for m in models], len(prompts), cfg.images_per_prompt, list(scorers))
+    return evaluate_models(
+        policy, models, prompts, scorers, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+        sampler=cfg.sampler, batch_size=cfg.batch_size, score_batch_size=cfg.score_batch_size,
+        grid_prompts=cfg.grid_prompts, quantize=cfg.quantize, image_dir=image_dir,
+    )
+
+
+def kept_base(cfg: EvaluateConfig, prompts: list[str]) -> EvaluationRun | None:
+    """evaluate_base's results for these settings, or None (and why, in the log)."""
+    if cfg.base_dir is None:
+        return None
+    base, why = read_base_results(cfg.base_dir, base_settings(cfg, prompts))
+    if base is None:
+        log.info("evaluating the base model here: %s", why)
+    else:
+        log.info("base model: reusing its images' scores from %s (same settings and weights)", cfg.base_dir)
+    return base
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    seed_everything(cfg.seed)
+    models = model_specs(cfg.loras, cfg.lora_scale)  # fails early on a missing LoRA
+    prompts = eval_prompts(cfg)
+    base = kept_base(cfg, prompts)
+    if base is not None:
+        models = [m for m in models if m.name != BASE]
 
     with atomic_dir(cfg.output_dir) as tmp:
-        res = evaluate_models(
-            policy, models, prompts, scorers, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
-            sampler=cfg.sampler, batch_size=cfg.batch_size, score_batch_size=cfg.score_batch_size,
-            grid_prompts=cfg.grid_prompts, quantize=cfg.quantize,
-            image_dir=tmp / "images" if cfg.save_images else None,
-        )
+        res = generate(cfg, models, prompts, tmp / "images" if cfg.save_images else None) if models else None
+        if base is not None:
+            res = merge_runs(base, res)
+            kept_images = Path(cfg.base_dir) / "images" / BASE
+            if cfg.save_images and kept_images.is_dir():
+                shutil.copytree(kept_images, tmp / "images" / BASE)
         summary = summarize(res.scores, res.scorer_columns, cfg.level)
         comparisons = compare_to_base(res.scores, res.scorer_columns, level=cfg.level, n_boot=cfg.n_boot,
                                       seed=cfg.bootstrap_seed)
@@ -136,11 +198,12 @@ def run(cfg: EvaluateConfig) -> dict:
     metrics = flat_metrics(summary, comparisons)
     metrics["num_prompts"] = len(prompts)
     metrics["num_images_per_model"] = len(prompts) * cfg.images_per_prompt
+    metrics["base_reused"] = int(base is not None)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, EvaluateConfig, run, argv, headline=HEADLINE)
+    return stage_main(STAGE, EvaluateConfig, run, argv, headline=headline)
 
 
 if __name__ == "__main__":
