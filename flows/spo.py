@@ -386,7 +386,7 @@ def _summarise(results: dict[str, dict[str, Any]], root: Path) -> bool:
         tracking.set_description(table.read_text())
         headline = root / "metrics" / "evaluate.json"
         if headline.is_file():
-            tracking.log_metrics(json.loads(headline.read_text()))
+            tracking.log_metrics(json.loads(headline.read_text()), prefix="evaluate")  # as the evaluate run names them
     return False
 
 

@@ -3,11 +3,16 @@
 The tracking store defaults to a SQLite database under ``mlruns/`` (the plain file store is
 deprecated); ``MLFLOW_TRACKING_URI`` overrides it. A parent run id in ``SPO_PARENT_RUN_ID`` (set by
 the Prefect flow) nests stage runs under the pipeline run.
+
+Metric keys start with the run's stage (``train_spo/loss``, ``evaluate/spo/toy_reward/mean``):
+MLflow's chart view groups charts by that first segment, so one stage's bars are never drawn
+beside another's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -18,6 +23,8 @@ from typing import Any, Iterator
 from .utils import process_alive
 
 log = logging.getLogger(__name__)
+
+_METRIC_PREFIX: contextvars.ContextVar[str | None] = contextvars.ContextVar("spo_metric_prefix", default=None)
 
 DEFAULT_EXPERIMENT = "spo"
 # MLflow 3 opens an experiment in its model-training view only when told so (else: GenAI traces).
@@ -113,6 +120,7 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
             run_tags[key] = os.environ[env]
     run = mlflow.start_run(run_name=run_name(stage), tags=run_tags, nested=mlflow.active_run() is not None,
                            log_system_metrics=system_metrics and os.environ.get("SPO_SYSTEM_METRICS", "1") != "0")
+    token = _METRIC_PREFIX.set(run_tags["stage"])
     try:
         if params:
             flat = {k: str(v)[:500] for k, v in flatten(params).items()}
@@ -125,6 +133,8 @@ def stage_run(stage: str, params: dict | None = None, nested_parent: str | None 
         raise
     else:
         mlflow.end_run(status="FINISHED")
+    finally:
+        _METRIC_PREFIX.reset(token)
 
 
 def close_orphans(mlflow, stage: str) -> int:
@@ -149,14 +159,22 @@ def close_orphans(mlflow, stage: str) -> int:
     return n
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def metric_key(name: str, prefix: str | None = None) -> str:
+    """``<stage>/<name>``: the MLflow key of a metric logged in a stage's run (or under ``prefix``)."""
+    prefix = prefix or _METRIC_PREFIX.get()
+    return f"{prefix}/{name}" if prefix else name
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str | None = None) -> None:
+    """Log numeric ``metrics`` to the active run under :func:`metric_key` names."""
     if os.environ.get("SPO_DISABLE_MLFLOW") == "1":
         return
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    clean = {metric_key(k, prefix): float(v) for k, v in flatten(metrics).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(clean, step=step)
 
 

@@ -260,7 +260,9 @@ def train_rounds(
         history.append(metrics)
         if log_fn is not None and acc.is_main_process:
             log_fn(metrics, r)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", keep=f"{metrics.get('keep_fraction', 0):.2f}")
+        # refresh=False: the bar redraws at its own (sparse off a terminal) interval, not once per round
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", keep=f"{metrics.get('keep_fraction', 0):.2f}",
+                        refresh=False)
         if (r + 1) % train_cfg.checkpoint_every == 0 or r + 1 == train_cfg.rounds:
             lora = lora_state_dict(policy)
             problem = diverged(lora, train_cfg.max_lora_weight)  # every process sees the same weights

@@ -122,7 +122,7 @@ def test_sequential_ablation_on_a_real_stage(workdir, tracked):
     parent = runs.loc["ablation-n_train"]
     assert parent["status"] == "FINISHED" and pd.isna(parent["tags.mlflow.parentRunId"])
     variants = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
-    assert sorted(variants.index) == ["n1", "n3"] and variants.loc["n3", "metrics.prompts.num_train"] == 3
+    assert sorted(variants.index) == ["n1", "n3"] and variants.loc["n3", "metrics.ablation_variant/prompts.num_train"] == 3
     stage_runs = runs[runs["tags.stage"] == "prompts"]
     assert sorted(stage_runs["tags.mlflow.parentRunId"]) == sorted(variants["run_id"])
     assert sorted(stage_runs.index) == ["prompts [n_train n1]", "prompts [n_train n3]"]  # which variant's stage

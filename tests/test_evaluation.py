@@ -340,7 +340,7 @@ def test_stage_logs_to_mlflow(loras, tmp_path, monkeypatch):
     assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
     row = runs.iloc[0]
     for key in ("base/brightness/mean", "pert/red/winrate_vs_base", "pert/brightness/diff_vs_base"):
-        assert row[f"metrics.{key}"] == pytest.approx(metrics[key])
+        assert row[f"metrics.evaluate/{key}"] == pytest.approx(metrics[key])
     client = mlflow.MlflowClient()
     logged = {f.path for f in client.list_artifacts(row["run_id"], "evaluate")}
     assert {"evaluate/summary.json", "evaluate/winrates.json", "evaluate/grid.png", "evaluate/files"} <= logged

@@ -187,7 +187,7 @@ def test_spo_flow_runs_the_micro_pipeline_in_dvc_order(prefect_api, tracked, tmp
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].item()]
     assert children["tags.stage"].tolist() == ["prompts", "train_spo"]  # by start time
     assert children["tags.mlflow.runName"].tolist() == [f"prompts [flow {flow_run}]", f"train_spo [flow {flow_run}]"]
-    assert (children["status"] == "FINISHED").all() and children["metrics.rounds"].iloc[1] == 1
+    assert (children["status"] == "FINISHED").all() and children["metrics.train_spo/rounds"].iloc[1] == 1
     # Nothing to do: every stage is up to date, and no empty pipeline run is left behind.
     assert not any(r["ran"] for r in spo(repo=str(repo)).values())
     assert len(tracked()) == len(runs)

@@ -51,9 +51,11 @@ def test_stage_run_logs_params_metrics_table_and_finishes(mlflow_store):
     assert row["run_id"] == run.info.run_id and row["status"] == "FINISHED"
     assert row["tags.mlflow.runName"] == "train_spo" and row["tags.stage"] == "train_spo"
     assert row["params.sampler.k"] == "4" and row["params.sampler.kappa"] == "750" and row["params.lr"] == "0.001"
-    assert row["metrics.loss"] == 0.5 and row["metrics.nested.x"] == 2.0
-    assert "metrics.flag" not in row and "metrics.name" not in row  # only numbers become metrics
-    history = mlflow_store.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    # Keys start with the stage: MLflow's chart view then draws each stage in a section of its own.
+    assert row["metrics.train_spo/loss"] == 0.5 and row["metrics.train_spo/nested.x"] == 2.0
+    assert not [c for c in row.index if c.startswith("metrics.") and not c.startswith("metrics.train_spo/")]
+    assert "metrics.train_spo/flag" not in row and "metrics.train_spo/name" not in row  # only numbers become metrics
+    history = mlflow_store.tracking.MlflowClient().get_metric_history(run.info.run_id, "train_spo/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.69), (1, 0.5)]
     loaded = mlflow_store.load_table("results.json", run_ids=[run.info.run_id])
     assert loaded["variant"].tolist() == ["a", "b"] and loaded["score"].tolist() == [0.5, 0.75]
@@ -68,7 +70,7 @@ def test_failing_stage_is_marked_failed_and_the_error_propagates(mlflow_store):
         tracking.log_metrics({"partial": 1.0})
         raise RuntimeError("boom")
     row = _runs(mlflow_store).iloc[0]
-    assert row["status"] == "FAILED" and row["metrics.partial"] == 1.0
+    assert row["status"] == "FAILED" and row["metrics.evaluate/partial"] == 1.0
     assert mlflow_store.active_run() is None
 
 
@@ -98,7 +100,7 @@ def test_execute_writes_metrics_file_and_stage_run(mlflow_store, tmp_path, monke
     assert out["double"] == 6 and out["wall_time_s"] >= 0
     assert json.loads((tmp_path / "m" / "demo.json").read_text())["double"] == 6
     row = _runs(mlflow_store).iloc[0]
-    assert (row["tags.mlflow.runName"], row["params.n"], row["metrics.double"], row["status"]) == ("demo", "3", 6.0, "FINISHED")
+    assert (row["tags.mlflow.runName"], row["params.n"], row["metrics.demo/double"], row["status"]) == ("demo", "3", 6.0, "FINISHED")
 
     def fail(cfg):
         raise ValueError("bad stage")

@@ -262,3 +262,28 @@ def test_spo_learns_brightness(make_policy, tiny_prompts, tmp_path):
     assert up > 3 * se_up, results
     assert down < -3 * se_down, results
     assert loss_up < math.log(2), results  # the loss moved below its initial value log 2
+
+
+def test_round_bar_redraws_sparingly_off_a_terminal(tmp_path):
+    # The rounds bar's loss/keep postfix forced a redraw every round (set_postfix refreshes by
+    # default), whatever TQDM_MININTERVAL said: thousands of lines in a `dvc repro` log.
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import spo_core  # off a terminal: TQDM_MININTERVAL=30
+from spo_core.config import LoraConfig, ModelConfig, OptimConfig, SamplerConfig, SPOLossConfig, TrainConfig
+from spo_core.methods.spo import SPOMethod
+from spo_core.models.diffusion import load_policy
+from spo_core.scorers.simple import BrightnessScorer
+from spo_core.training import train_rounds
+method = SPOMethod(SamplerConfig(num_steps=2, kappa=1000, k=2, threshold=0.0), SPOLossConfig(), BrightnessScorer())
+cfg = TrainConfig(rounds=6, prompts_per_round=1, train_batch_size=8, checkpoint_every=100, output_dir={str(tmp_path / "run")!r})
+train_rounds(load_policy(ModelConfig(pretrained="tiny:sd15")), method, ["a red circle"], LoraConfig(rank=2), OptimConfig(), cfg)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "rounds" in line and "|" in line]
+    assert len(bar) <= 3, bar  # the first draw and the final one (6 rounds take far less than 30 s)

@@ -284,7 +284,7 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 final_loss = sum(window) / len(window)
                 tracking.log_metrics({f"{variant}/loss": final_loss, f"{variant}/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.set_postfix(loss=f"{final_loss:.4f}")
+                bar.set_postfix(loss=f"{final_loss:.4f}", refresh=False)
                 window = []
             if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
                 acc = evaluate_accuracy(unwrapped, inputs, eval_set, cfg.eval_batch_size, accelerator.device)

@@ -11,6 +11,7 @@ from ..preference.noisy_pairs import run_noisy_pairs
 from .common import stage_main
 
 STAGE = "noisy_pairs"
+HEADLINE = ["pairs_written", "eval_pairs"]  # `dvc metrics show`; all: metrics.json
 
 
 def run(cfg: NoisyPairsConfig) -> dict:
@@ -18,7 +19,7 @@ def run(cfg: NoisyPairsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, NoisyPairsConfig, run, argv)
+    return stage_main(STAGE, NoisyPairsConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ..utils import atomic_file
 from .common import stage_main
 
 STAGE = "prompts"
+HEADLINE = ["num_train", "num_eval"]  # `dvc metrics show`; all: metrics.json
 
 
 class PromptsStageConfig(Strict):
@@ -49,7 +50,7 @@ def run(cfg: PromptsStageConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, PromptsStageConfig, run, argv)
+    return stage_main(STAGE, PromptsStageConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

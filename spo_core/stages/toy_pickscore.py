@@ -23,7 +23,7 @@ from .toy_prefs import TRAIN_FILE, VALIDATION_FILE
 
 STAGE = "toy_pickscore"
 # what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
-HEADLINE = ["train_accuracy", "validation_accuracy", "validation_clip_only_accuracy", "validation_reward_order_agreement"]
+HEADLINE = ["validation_accuracy", "validation_clip_only_accuracy"]
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +37,7 @@ def run(cfg: ToyPickScoreConfig) -> dict:
     phase_offset = {"clip": 0, "pref": cfg.clip_steps}  # one step axis for both phases' curves
 
     def on_log(phase: str, step: int, loss: float) -> None:
-        tracking.log_metrics({f"pickscore/{phase}_loss": loss}, step=phase_offset[phase] + step)
+        tracking.log_metrics({f"{phase}_loss": loss}, step=phase_offset[phase] + step)
 
     result = train_toy_pickscore(cfg, world, train, validation, on_log=on_log)
     with atomic_dir(cfg.output_dir) as tmp:

@@ -21,7 +21,7 @@ from .common import stage_main
 
 STAGE = "toy_prefs"
 # what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
-HEADLINE = ["train_pairs", "validation_pairs", "validation_label_reward_agreement", "validation_tie_share"]
+HEADLINE = ["train_pairs", "validation_label_reward_agreement"]
 TRAIN_FILE = "train.parquet"
 VALIDATION_FILE = "validation.parquet"
 log = logging.getLogger(__name__)

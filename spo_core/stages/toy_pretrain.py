@@ -21,7 +21,7 @@ from .common import stage_main
 
 STAGE = "toy_pretrain"
 # what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
-HEADLINE = ["final_loss", "steps", "validation_base_reward", "validation_renderer_reward", "validation_base_alignment", "validation_base_quality"]
+HEADLINE = ["final_loss", "validation_base_reward", "validation_renderer_reward"]
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +29,7 @@ def run(cfg: ToyPretrainConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     world = load_world(cfg.world_dir)
-    result = train_base(cfg, world, on_log=lambda step, loss: tracking.log_metrics({"pretrain/loss": loss}, step=step))
+    result = train_base(cfg, world, on_log=lambda step, loss: tracking.log_metrics({"loss": loss}, step=step))
     policy = result.policy
     wcfg = world.config
     metrics: dict = {

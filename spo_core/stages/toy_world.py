@@ -7,6 +7,7 @@ from ..toyworld.world import write_world
 from .common import stage_main
 
 STAGE = "toy_world"
+HEADLINE = ["vocabulary_words", "n_colour_shape_pairs"]  # `dvc metrics show`; all: metrics.json
 
 
 def run(cfg: ToyWorldConfig) -> dict:
@@ -23,7 +24,7 @@ def run(cfg: ToyWorldConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, ToyWorldConfig, run, argv)
+    return stage_main(STAGE, ToyWorldConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

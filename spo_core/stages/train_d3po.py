@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import D3POConfig
 from ..methods.d3po import D3POMethod
 from .common import stage_main
-from .trainer_stage import run_training
+from .trainer_stage import HEADLINE, run_training
 
 STAGE = "train_d3po"
 
@@ -15,7 +15,7 @@ def run(cfg: D3POConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, D3POConfig, run, argv)
+    return stage_main(STAGE, D3POConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

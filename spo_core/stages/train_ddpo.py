@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import DDPOConfig
 from ..methods.ddpo import DDPOMethod
 from .common import stage_main
-from .trainer_stage import run_training
+from .trainer_stage import HEADLINE, run_training
 
 STAGE = "train_ddpo"
 
@@ -16,7 +16,7 @@ def run(cfg: DDPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DDPOConfig, run, argv)
+    return stage_main(STAGE, DDPOConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

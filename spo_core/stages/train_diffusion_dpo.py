@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import DiffusionDPOConfig
 from ..methods.diffusion_dpo import DiffusionDPOMethod
 from .common import stage_main
-from .trainer_stage import run_training
+from .trainer_stage import HEADLINE, run_training
 
 STAGE = "train_diffusion_dpo"
 
@@ -16,7 +16,7 @@ def run(cfg: DiffusionDPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DiffusionDPOConfig, run, argv)
+    return stage_main(STAGE, DiffusionDPOConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

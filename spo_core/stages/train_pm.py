@@ -13,7 +13,7 @@ from .common import stage_main
 
 STAGE = "train_pm"
 # what `dvc metrics show` prints; every metric is in MLflow and in {output_dir}/metrics.json
-HEADLINE = ["acc/*", "train_pairs"]
+HEADLINE = ["acc/*/mean", "train_pairs"]
 
 
 def run(cfg: TrainPMConfig) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import SPOConfig
 from ..methods.spo import SPOMethod
 from .common import stage_main
-from .trainer_stage import run_training
+from .trainer_stage import HEADLINE, run_training
 
 STAGE = "train_spo"
 
@@ -15,7 +15,7 @@ def run(cfg: SPOConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, SPOConfig, run, argv)
+    return stage_main(STAGE, SPOConfig, run, argv, headline=HEADLINE)
 
 
 if __name__ == "__main__":

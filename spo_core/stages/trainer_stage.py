@@ -23,6 +23,10 @@ from .common import is_main_process, metrics_path, write_json
 log = logging.getLogger(__name__)
 
 
+# what `dvc metrics show` prints for a trainer; every figure is in MLflow and in train.output_dir/metrics.json
+HEADLINE = ["final_loss", "monitor_*_end", "seconds_per_round"]
+
+
 def prompts_from(cfg: PromptsConfig) -> list[str]:
     return load_prompts(**cfg.model_dump())
 

@@ -163,7 +163,7 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
             mean = float(np.mean(window))
             losses.append((done, mean))
             window = []
-            bar.set_postfix(loss=f"{mean:.4f}")
+            bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             if on_log is not None:
                 on_log(done, mean)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
