@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 STAGES = ["toy_world", "toy_pretrain", "toy_prefs", "toy_pickscore", "prompts", "noisy_pairs", "train_pm",
-          "train_spo", "evaluate"]
+          "train_spo", "evaluate_base", "evaluate"]
 SPEC = {"table": "multihost_k", "description": "SPO on the tiny profile, k = 2..5, over the work pool.",
         "params": "tiny",
         "train": {"stage": "train_spo", "set": ["train.output_dir={out}/train", "train.rounds=1",

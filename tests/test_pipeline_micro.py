@@ -35,7 +35,7 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path, copy_checkout):
     _sh(["dvc", "repro"], repo, env)
 
     stages = ["toy_world", "toy_pretrain", "toy_prefs", "toy_pickscore", "prompts", "noisy_pairs", "train_pm",
-              "train_spo", "evaluate"]
+              "train_spo", "evaluate_base", "evaluate"]
     for s in stages:
         m = json.loads((repo / "metrics" / f"{s}.json").read_text())
         assert m["wall_time_s"] > 0, s
@@ -55,8 +55,10 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path, copy_checkout):
     assert set(plots["data"]) == {"train_spo_loss", "train_spo_preference", "train_spo_keep_fraction", "train_spo_monitor"}
     assert all(plots["data"].values())
     # `dvc metrics show` prints headline metrics; the details sit in each output's metrics.json.
-    assert len(json.loads((repo / "metrics/evaluate.json").read_text())) < 30
+    assert len(json.loads((repo / "metrics/evaluate.json").read_text())) < 10
     assert "spo/toy_reward/ci_low" in json.loads((repo / "artifacts/evaluate/metrics.json").read_text())
+    shown = _sh(["dvc", "metrics", "show"], repo, env).splitlines()
+    assert max(map(len, shown)) < 900, max(map(len, shown))  # was 2,290 characters wide (181 columns before)
     # Nothing to do on a second repro: every stage is cached.
     out = _sh(["dvc", "status"], repo, env)
     assert "changed" not in out
@@ -75,9 +77,20 @@ def test_dvc_repro_micro_pipeline(tmp_path: Path, copy_checkout):
     assert "modified:           toy_pretrain.lr" in out, out
     (repo / "params.yaml").write_text(clean)
     # A variant as a DVC experiment: only the stages whose params changed (and what follows) rerun.
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-qm", "micro results"], repo, env)  # the workspace run, as a user commits it
+    checkpoints = {p.relative_to(repo): p.read_bytes() for p in (repo / "artifacts/spo/checkpoints").rglob("*") if p.is_file()}
+    assert checkpoints
     out = _sh(["dvc", "exp", "run", "-S", "train_spo.sampler.k=3", "-n", "k3"], repo, env)
     assert "Running stage 'train_spo'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'toy_pretrain'" not in out
+    # The unchanged base model is neither regenerated nor rescored: evaluate reuses evaluate_base's results.
+    assert "Running stage 'evaluate_base'" not in out
+    assert json.loads((repo / "artifacts/evaluate/metrics.json").read_text())["base_reused"] == 1
+    # The experiment replaced the workspace run's LoRA and checkpoints; DVC's cache still has them.
+    _sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
+    _sh(["dvc", "checkout", "artifacts/spo"], repo, env)
+    assert {p.relative_to(repo): p.read_bytes() for p in (repo / "artifacts/spo/checkpoints").rglob("*") if p.is_file()} == checkpoints
     assert "k3" in _sh(["dvc", "exp", "show", "--csv"], repo, env)
     # toy_pretrain resumes by default from checkpoints outside DVC's outputs; a changed configuration
     # starts fresh in a checkpoint folder of its own (it used to refuse the old run's checkpoints and
