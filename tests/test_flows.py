@@ -176,7 +176,8 @@ def test_spo_flow_runs_the_micro_pipeline_in_dvc_order(prefect_api, tracked, tmp
 
     assert list(result) == ["prompts", "train_spo"]
     assert json.loads((repo / "metrics/prompts.json").read_text())["num_train"] == 2
-    assert json.loads((repo / "metrics/train_spo.json").read_text())["rounds"] == 1
+    assert json.loads((repo / "artifacts/spo/metrics.json").read_text())["rounds"] == 1  # all figures (metrics/: headline)
+    assert "final_loss" in json.loads((repo / "metrics/train_spo.json").read_text())
     assert (repo / "artifacts/spo/lora").is_dir() and "train_spo" in (repo / "dvc.lock").read_text()
     runs = tracked()
     parent = runs[runs["tags.stage"] == "pipeline"]

@@ -129,13 +129,15 @@ def test_two_processes_write_exactly_the_shards_of_one(tmp_path):
     train_shards = [k for k in one if k.startswith("train/shard-") and k.endswith(".safetensors")]
     assert len(train_shards) == 6  # 16 training pairs in shards of 3: process 0 builds 3, process 1 builds 3
     for name in one:
-        assert one[name] == two[name], name
+        if name != "metrics.json":  # the stage's figures: timings differ
+            assert one[name] == two[name], name
     import json
 
     manifest = json.loads(one["train/manifest.json"])
     assert (manifest["num_planned"], manifest["num_pairs"], manifest["num_skipped"]) == (16, 15, 1)
     assert json.loads(two["train/manifest.json"])["num_pairs"] == 15
-    assert json.loads((tmp_path / "metrics" / "noisy_pairs.json").read_text())["processes"] == 2
+    assert json.loads(two["metrics.json"])["processes"] == 2
+    assert json.loads(two["metrics.json"])["pairs_written"] == json.loads(one["metrics.json"])["pairs_written"]
 
 
 @pytest.mark.slow
