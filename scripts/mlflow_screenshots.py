@@ -4,8 +4,9 @@
     python scripts/mlflow_screenshots.py --ablation tiny_k  # runs that ablation first if it has no runs
 
 Writes ``reports/img/mlflow_ablation_compare.png`` (MLflow's run comparison of an ablation
-table's variant runs) and ``reports/img/mlflow_samples.png`` (a training run's per-round sample
-grid). It starts a temporary MLflow server on 127.0.0.1 (stopped at the end) and needs
+table's variant runs), ``reports/img/mlflow_samples.png`` (a training run's per-round sample
+grid) and ``reports/img/mlflow_chart_sections.png`` (the experiment's chart view: one section of
+charts per stage). It starts a temporary MLflow server on 127.0.0.1 (stopped at the end) and needs
 Debian's Chromium, driven by Playwright: ``apt-get install chromium`` and
 ``pip install -e ".[screenshots]"`` (no browser download: Playwright uses /usr/bin/chromium).
 Anyone can rerun it; the pictures depend only on the store.
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                   Path(args.out) / "mlflow_samples.png", (1500, 800))
         else:
             print("no train_spo run with sample images in this store: run `dvc repro` first", file=sys.stderr)
+        _shot(chromium, f"{base}/#/experiments/{exp.experiment_id}/runs?compareRunsMode=CHART",
+              Path(args.out) / "mlflow_chart_sections.png", (1500, 1100))
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -1,0 +1,1 @@
+"""Stochastic processes a rollout steps through: each module holds one process's pure step maths."""
