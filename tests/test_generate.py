@@ -27,7 +27,9 @@ def lora_dir(tmp_path_factory) -> Path:
     """Our LoRA directory (diffusers file + kohya export) with random B, so it changes the images."""
     policy = load_policy(TINY)
     cfg = LoraConfig(rank=4)
-    attach_lora(policy, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # lora_A's init: the same LoRA whatever tests ran before
+        attach_lora(policy, cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in policy.unet.named_parameters():
@@ -70,7 +72,10 @@ def test_generate_writes_pngs_and_manifest_with_kohya_lora(lora_dir, tmp_path):
     _run(off, "--lora", str(kohya), "--lora-scale", "0", "--prompt", "a red circle", "--prompt", "a blue square",
          "--num-images", "2", "--seed", "5")
     for n in names:
-        assert np.array_equal(_pixels(out / n), _pixels(same / n))
+        # kohya's file holds alpha and the weights scaled apart, and the first run uses another batch size:
+        # float rounding may move a pixel by one 8-bit level, never more.
+        diff = np.abs(_pixels(out / n).astype(int) - _pixels(same / n).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (n, diff.max(), (diff == 0).mean())
         assert np.array_equal(_pixels(off / n), _pixels(base / n))
     assert not all(np.array_equal(_pixels(out / n), _pixels(base / n)) for n in names)
 
