@@ -156,16 +156,25 @@ def gpu_lease(n: int, label: str = "task", devices: list[str] | None = None,
 
 
 def holders() -> dict[str, str | None]:
-    """Per device of the inventory: who holds it (the label written at lease time), None when free."""
+    """Per device of the inventory: who holds it (the label written at lease time), None when free.
+
+    Read under the allocation lock (shared): a grab in progress holds it, so this never sees a device
+    locked before its label is written, nor the brief locks of a grab that fails, and never makes a
+    grab fail by probing a free device at the same moment."""
     folder, out = lock_dir(), {}
-    for dev in inventory():
-        path = folder / f"gpu{dev}.lock"
-        fd = _try_lock(path)
-        if fd is None:
-            out[dev] = path.read_text().strip() or "leased"
-        else:
-            _release([fd])
-            out[dev] = None
+    alloc = os.open(folder / "alloc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(alloc, fcntl.LOCK_SH)
+        for dev in inventory():
+            path = folder / f"gpu{dev}.lock"
+            fd = _try_lock(path)
+            if fd is None:
+                out[dev] = path.read_text().strip() or "leased"
+            else:
+                _release([fd])
+                out[dev] = None
+    finally:
+        os.close(alloc)
     return out
 
 

@@ -53,6 +53,29 @@ def test_leases_are_disjoint_wait_and_end_with_the_block(gpus):
         gpu_lease(5, "big").__enter__()
 
 
+def test_holders_never_see_a_lease_before_its_label(gpus, monkeypatch):
+    # A grab that is slow to write its label (as under load): holders() must wait for it, not report
+    # the device as held by nobody in particular (CI once saw "leased" here, mid-grab).
+    writing, real_pwrite = threading.Event(), os.pwrite
+
+    def slow_pwrite(fd, data, offset):
+        writing.set()
+        time.sleep(0.5)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    lease_cm, leases = gpu_lease(1, "slow"), []  # kept referenced: a collected generator would release it
+    grabber = threading.Thread(target=lambda: leases.append(lease_cm.__enter__()))
+    grabber.start()
+    assert writing.wait(10)
+    seen = holders()
+    grabber.join(10)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert seen[leases[0].devices[0]].startswith("slow pid")
+    lease_cm.__exit__(None, None, None)
+    assert not any(holders().values())
+
+
 def test_a_killed_holder_releases_its_lease_and_a_child_keeps_it(gpus):
     # A process that holds all four GPUs, killed with SIGKILL (no cleanup code runs).
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
