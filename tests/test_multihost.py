@@ -103,16 +103,30 @@ def test_two_hosts_share_one_pool_one_tracking_server_and_one_dvc_remote(tmp_pat
                     SPO_WORKER_NAME=name, SPO_WORKER_LIMIT="4", SPO_GPUS="0",
                     SPO_GPU_LOCK_DIR=str(tmp_path / f"leases-{name}"))
         _sh(["python", "-m", "flows.deploy", "--pool", "spo"], hosts["host1"], env)
-        _sh(["prefect", "deployment", "run", "spo/full", "-p", "dispatch=pool", "--watch",
-             "--watch-timeout", "1500"], tmp_path, env, timeout=1600)
-        _sh(["prefect", "deployment", "run", "ablation/table", "-p", "spec=multihost_k.yaml", "-p", "dispatch=pool",
-             "--watch", "--watch-timeout", "900"], tmp_path, env, timeout=1000)
+        try:  # --watch shows only the flow's state: a failure needs the workers' logs, where the stage errors are
+            _sh(["prefect", "deployment", "run", "spo/full", "-p", "dispatch=pool", "--watch",
+                 "--watch-timeout", "1500"], tmp_path, env, timeout=1600)
+            _sh(["prefect", "deployment", "run", "ablation/table", "-p", "spec=multihost_k.yaml", "-p",
+                 "dispatch=pool", "--watch", "--watch-timeout", "900"], tmp_path, env, timeout=1000)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_worker_errors(tmp_path)}") from None
         coordinator = check_spread_and_tracking(env, hosts, tmp_path / "mlflow-artifacts")
         check_reproducible(tmp_path, origin, coordinator, env)
     finally:
         for script, e in reversed(started):
             subprocess.run(["bash", str(script), "stop"], cwd=script.parents[1], env=e, capture_output=True,
                            timeout=120)
+
+
+def _worker_errors(tmp_path: Path, lines: int = 80) -> str:
+    """The lines of each worker's log from its first error on (or its tail), for a failed deployment run."""
+    out = []
+    for log in sorted(tmp_path.glob("svc-host*/*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        first = next((i for i, t in enumerate(text) if "ERROR" in t or "Traceback" in t), max(len(text) - 20, 0))
+        out.append(f"--- {log.relative_to(tmp_path)} (from line {first + 1} of {len(text)}):")
+        out.extend(text[first:first + lines])
+    return "\n".join(out)
 
 
 def _artifacts(api_url: str, key: str) -> list[str]:
