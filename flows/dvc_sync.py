@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from spo_core.dvc_graph import locked_repo
 from spo_core.errors import SpoError
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,17 @@ def stage_record(root: str | os.PathLike, name: str) -> dict[str, Any]:
     """``{"lock": <dvc.lock entry>, "files": {path: text}}`` for a stage that ran (or is up to date) here."""
     import json
 
-    from dvc.repo import Repo
     from dvc.utils.serialize import load_yaml
 
     root = Path(root).resolve()
     lock_path, key = _lockfile(root, name)
-    # DVC's own YAML 1.2 reader: PyYAML (1.1) reads `no` as False and `1e-08` as a string, and the
-    # entry would no longer match params.yaml on the other host.
-    entry = (load_yaml(str(lock_path)) or {}).get("stages", {}).get(key) if lock_path.is_file() else None
-    if entry is None:
-        raise SyncFailed(f"stage '{name}' has no entry in {lock_path} after it ran: was it run with --no-commit?")
     files: dict[str, str] = {}
-    with Repo(str(root)) as repo:
+    with locked_repo(root) as repo:  # other stages of this clone may be rewriting dvc.lock
+        # DVC's own YAML 1.2 reader: PyYAML (1.1) reads `no` as False and `1e-08` as a string, and the
+        # entry would no longer match params.yaml on the other host.
+        entry = (load_yaml(str(lock_path)) or {}).get("stages", {}).get(key) if lock_path.is_file() else None
+        if entry is None:
+            raise SyncFailed(f"stage '{name}' has no entry in {lock_path} after it ran: was it run with --no-commit?")
         for out in _stage(repo, name).outs:
             path = Path(out.fs_path)
             if out.use_cache or not path.is_file():
@@ -96,13 +96,12 @@ def push(root: str | os.PathLike, name: str) -> None:
 
 def absorb(root: str | os.PathLike, records: dict[str, dict[str, Any]], pull: bool = True) -> None:
     """Write the stages' ``dvc.lock`` entries and uncached files into this clone, then pull their outputs."""
-    from dvc.repo import Repo, lock_repo
     from dvc.utils.serialize import modify_yaml
 
     if not records:
         return
     root = Path(root).resolve()
-    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):  # stages in this clone write dvc.lock too
+    with locked_repo(root) as repo:  # stages in this clone write dvc.lock too
         for name, rec in records.items():
             lock_path, key = _lockfile(root, name)
             if not lock_path.is_file():

@@ -44,7 +44,7 @@ from flows import dvc_sync
 from flows.gpus import gpu_lease
 from flows.stage_output import run_logged
 from spo_core import tracking
-from spo_core.dvc_graph import base_name, is_gpu_stage, stage_graph, stage_order
+from spo_core.dvc_graph import base_name, is_gpu_stage, locked_repo, stage_graph, stage_order
 from spo_core.errors import InputError, SpoError
 from spo_core.runner import run_entrypoint
 from spo_core.utils import scoped_env
@@ -199,7 +199,6 @@ def _mlflow_link(parent_run_id: str | None, stage: str) -> str:
 def publish_tables(stage: str, root: str | os.PathLike, parent_run_id: str | None) -> list[str]:
     """The result tables a stage wrote into its output folders, as Prefect markdown artifacts keyed
     ``<stage>-<table>`` (each a new version of that key), with a link to the stage's MLflow run."""
-    from dvc.repo import Repo
     from prefect.artifacts import create_markdown_artifact
 
     try:
@@ -209,7 +208,7 @@ def publish_tables(stage: str, root: str | os.PathLike, parent_run_id: str | Non
     except MissingContextError:
         return []
     root = Path(root).resolve()
-    with Repo(str(root)) as repo:
+    with locked_repo(root) as repo:
         outs = [Path(o.fs_path) for o in dvc_sync._stage(repo, stage).outs]
     keys = []
     link = None

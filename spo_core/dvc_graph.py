@@ -9,16 +9,18 @@ Prefect task tag, a GPU work pool): an explicit list, else ``SPO_GPU_STAGES``, e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
 from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "stage_address",
-           "stage_graph", "stage_order"]
+__all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is_gpu_stage", "locked_repo",
+           "stage_address", "stage_graph", "stage_order"]
 
 # Stages that run a diffusion model or train one (the toy world's pretraining and its scorer too).
 DEFAULT_GPU_STAGES = frozenset({
@@ -61,11 +63,21 @@ def stage_order(root: str | os.PathLike = ".", target: str | None = None) -> lis
     return list(stage_graph(root, target))
 
 
+@contextlib.contextmanager
+def locked_repo(root: str | os.PathLike) -> Iterator:
+    """DVC's ``Repo`` at ``root`` under DVC's repository lock, waiting for it. Stages that run at once in
+    one clone rewrite ``dvc.lock`` in place (taking the lock for that): read without the lock, it can
+    be half-written (CI saw "dvc.lock validation failed: required key not provided @ data['schema']")."""
+    from dvc.repo import Repo, lock_repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo, lock_repo(repo):
+        yield repo
+
+
 def stage_graph(root: str | os.PathLike = ".", target: str | None = None) -> dict[str, list[str]]:
     """``{stage: [the stages whose outputs it reads]}`` in :func:`stage_order`'s order: DVC's own edges
     (``dvc dag``), restricted to the stages ``dvc repro [target]`` would run."""
     from dvc.exceptions import DvcException, NotDvcRepoError
-    from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
     from dvc.stage import PipelineStage
 
@@ -73,7 +85,7 @@ def stage_graph(root: str | os.PathLike = ".", target: str | None = None) -> dic
     if not (root / "dvc.yaml").exists():
         raise DvcGraphError(f"no dvc.yaml in {root}: run from the repository root or pass its path")
     try:
-        with Repo(str(root)) as repo:
+        with locked_repo(root) as repo:
             targets = [_absolute_target(target, root)]
             try:
                 stages = collect_stages(repo, targets)

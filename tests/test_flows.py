@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,44 @@ def test_stage_order_errors_name_the_fix(toy_repo, tmp_path):
         stage_order(toy_repo, "nope")
     with pytest.raises(DvcGraphError, match="no dvc.yaml"):
         stage_order(tmp_path)
+
+
+def test_the_graph_is_read_under_dvcs_lock_never_from_a_half_written_dvc_lock(toy_repo):
+    import threading
+
+    from dvc.repo import Repo, lock_repo
+
+    from flows.dvc_sync import stage_record
+
+    subprocess.run(["dvc", "repro", "a"], cwd=toy_repo, capture_output=True, check=True)
+    lock_file = toy_repo / "dvc.lock"
+    good = lock_file.read_text()
+    got, held = {}, threading.Event()
+
+    def writer() -> None:  # another stage of this clone, committing its dvc.lock entry
+        with Repo(str(toy_repo)) as repo, lock_repo(repo):
+            lock_file.write_text("stages:\n  a:\n")  # half-written: DVC's schema check rejects it
+            held.set()
+            time.sleep(1.5)
+            lock_file.write_text(good)
+
+    def reader(name, fn) -> None:
+        try:
+            got[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            got[name] = exc
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert held.wait(10)
+    readers = [threading.Thread(target=reader, args=("order", lambda: stage_order(toy_repo, "b"))),
+               threading.Thread(target=reader, args=("record", lambda: stage_record(toy_repo, "a")))]
+    for r in readers:
+        r.start()
+    for r in [t, *readers]:
+        r.join(30)
+    assert got["order"] == ["a", "b"], got
+    assert isinstance(got["record"], dict) and got["record"]["lock"]["cmd"], got
 
 
 def test_gpu_stages_argument_environment_default(monkeypatch):
