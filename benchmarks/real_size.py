@@ -287,7 +287,7 @@ def reset_between_runs(policy: DiffusionPolicy) -> None:
         unet.disable_gradient_checkpointing()
     unet.requires_grad_(False)
     unet.eval()
-    policy.forward_unet = unet
+    policy.forward_denoiser = unet
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 

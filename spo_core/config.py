@@ -93,14 +93,20 @@ def result_keys(cls: type[Strict], prefix: str = "") -> list[str]:
 class ModelConfig(Strict):
     """The base diffusion model (the policy's frozen backbone and the reference)."""
 
-    # A hub id, a local diffusers pipeline directory, or "tiny:sd15" / "tiny:sdxl" (random tiny config).
+    # A hub id, a local diffusers pipeline directory, or "tiny:<kind>" (random tiny config).
     pretrained: str
-    kind: Literal["sd15", "sdxl"] = "sd15"
+    # sd15 / sdxl: UNet models on the DDIM process; sd3 (SD3, SD3.5) / flux (FLUX.1): transformers on
+    # the flow-matching process (sampling.eta is then the SDE's noise level).
+    kind: Literal["sd15", "sdxl", "sd3", "flux"] = "sd15"
     vae: str | None = None  # optional separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
     revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    resolution: int | None = Field(default=None, gt=0)  # None: the UNet's native sample size
+    resolution: int | None = Field(default=None, gt=0)  # None: the denoiser's native sample size
     local_files_only: bool = False
+    # Flow models: T5's sequence length (None: the pipeline's default, 256 for SD3, 512 for FLUX.1-dev)
+    # and FLUX's true CFG against the empty prompt (1: off; FLUX.1-dev's guidance is its embedding).
+    max_sequence_length: int | None = Field(default=None, gt=0)
+    true_cfg_scale: float = Field(default=1.0, ge=1.0)
 
     OPERATIONAL = Strict.OPERATIONAL | {"local_files_only"}
 
@@ -307,6 +313,18 @@ class DDPOConfig(TrainerBaseConfig):
     samples_per_prompt: int = Field(default=4, ge=2)
     clip_range: float = Field(default=1e-4, gt=0)
     adv_clip: float = Field(default=5.0, gt=0)
+
+
+class GRPOConfig(DDPOConfig):
+    """Flow-GRPO: groups of ``samples_per_prompt`` images per prompt from the SDE sampler (the flow
+    process's noise level is ``sampler.eta``), group-centred rewards over the group's or the round's
+    standard deviation, a clipped ratio and a KL penalty to the reference on the trained steps."""
+
+    sampler: RolloutConfig = RolloutConfig(num_steps=10, guidance_scale=4.5, eta=0.7)
+    samples_per_prompt: int = Field(default=24, ge=2)
+    kl_beta: float = Field(default=0.01, ge=0)
+    global_std: bool = True
+    timestep_fraction: float = Field(default=0.99, gt=0, le=1)
 
 
 class DiffusionDPOConfig(TrainerBaseConfig):

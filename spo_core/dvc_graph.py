@@ -25,7 +25,8 @@ __all__ = ["DEFAULT_GPU_STAGES", "DvcGraphError", "base_name", "gpu_stages", "is
 # Stages that run a diffusion model or train one (the toy world's pretraining and its scorer too).
 DEFAULT_GPU_STAGES = frozenset({
     "toy_pretrain", "toy_pickscore", "noisy_pairs", "train_pm",
-    "train_spo", "train_diffusion_dpo", "train_d3po", "train_ddpo", "evaluate_base", "evaluate",
+    "train_spo", "train_diffusion_dpo", "train_d3po", "train_ddpo", "train_grpo", "evaluate_base",
+    "evaluate",
 })
 GPU_STAGES_ENV = "SPO_GPU_STAGES"
 

@@ -46,7 +46,7 @@ from .models.diffusion import DiffusionPolicy
 from .models.lora import adapters_disabled, hub_lora_id, load_lora, resolve_lora
 from .utils import atomic_path
 from .reporting import image_grid, markdown_table, save_png_atomic, write_text_atomic
-from .sampling import sample_images
+from .rollouts import sample_images
 from .scorers.base import Scorer
 from .stats import bootstrap_win_rate_ci, mean_ci, paired_diff_ci
 from .errors import InputError
@@ -60,7 +60,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Which training stage writes a LoRA, guessed from its name or path (for the "missing LoRA" error).
 _PRODUCERS = (("diffusion_dpo", "train_diffusion_dpo"), ("diffusion-dpo", "train_diffusion_dpo"),
-              ("d3po", "train_d3po"), ("ddpo", "train_ddpo"), ("dpo", "train_diffusion_dpo"), ("spo", "train_spo"))
+              ("d3po", "train_d3po"), ("ddpo", "train_ddpo"), ("grpo", "train_grpo"), ("dpo", "train_diffusion_dpo"), ("spo", "train_spo"))
 
 
 class EvaluationError(InputError, RuntimeError):

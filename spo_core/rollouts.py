@@ -1,110 +1,29 @@
-"""DDIM (eta = 1) sampling with log-probabilities, and the SPO step-wise branching sampler.
+"""Rollouts: plain sampling, whole trajectories (D3PO, DDPO) and SPO's step-wise branching sampler.
 
-``ddim_step_with_logprob`` is the pure maths of REFERENCE.md section 1; everything else calls it.
-With the same noise z it returns exactly what diffusers' ``DDIMScheduler.step(eta=1,
-variance_noise=z)`` returns (tested).
+A rollout never does schedule maths itself. It asks the policy for its process (``policy.process``:
+:class:`spo_core.processes.ddim.DDIMProcess` for the UNet models, :class:`spo_core.processes.flow.FlowProcess`
+for SD3 / FLUX) and its network output (``policy.predict``: the guided noise or velocity), and steps
+with ``process.step``, which also gives the step's log-probability. So every method built on these
+rollouts runs on either process unchanged. Times are the process's own (integer timesteps or flow
+times in [0, 1]); ``sampler.kappa`` and the step-aware scorer see them on the 0..1000 scale.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import SamplerConfig
-from .models.diffusion import Conditioning, DiffusionPolicy
+from .models.diffusion import Conditioning
 from .rows import Rows
 
 log = logging.getLogger(__name__)
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
-
-# ------------------------------------------------------------------------------ pure maths
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the step arithmetic: float32 for fp16/bf16 latents (float64 stays float64).
-
-    In fp16, 1 - alpha_bar near t = 0 keeps only a few significant bits (at t = 51 the DDIM variance
-    term even turns negative), so schedule coefficients, the mean and the log-probability are
-    never computed in the latents' dtype.
-    """
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def alphas_at(alphas_cumprod: torch.Tensor, final_alpha_cumprod: float | torch.Tensor, t: torch.Tensor,
-              prev_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_bar_t, alpha_bar_prev) with ``final_alpha_cumprod`` where prev_t < 0."""
-    ac = alphas_cumprod.to(t.device)
-    a = ac[t.long()]
-    a_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0).long()], torch.as_tensor(final_alpha_cumprod, device=t.device, dtype=ac.dtype))
-    return a, a_prev
-
-
-def ddim_step_with_logprob(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    a: torch.Tensor,
-    a_prev: torch.Tensor,
-    eta: float = 1.0,
-    noise: torch.Tensor | None = None,
-    prev_sample: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_prev with its Gaussian log-probability.
-
-    ``a``, ``a_prev`` are (B,) cumulative alphas at t and prev_t. Give ``noise`` to sample, or
-    ``prev_sample`` to evaluate the log-probability of a given next sample. Returns
-    (x_prev, log_prob (B,), mean, std (B,)); the log-probability is the MEAN over C, H, W, as in the
-    reference code (beta = 10 is on that scale). The arithmetic runs in :func:`work_dtype` of the
-    latents (float32 for fp16/bf16); x_prev comes back in the latents' dtype, and its
-    log-probability is that of the stored (rounded) x_prev, so sampling and training agree.
-    """
-    wd = work_dtype(x_t.dtype)
-    xw, ew = x_t.to(wd), eps.to(wd)
-    a, a_prev = a.to(device=x_t.device, dtype=wd), a_prev.to(device=x_t.device, dtype=wd)
-    a_b, ap_b = _bcast(a, xw), _bcast(a_prev, xw)
-    x0 = (xw - (1 - a_b).sqrt() * ew) / a_b.sqrt()
-    var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    std = eta * var.clamp(min=0).sqrt()
-    std_b = _bcast(std, xw)
-    mean = ap_b.sqrt() * x0 + (1 - ap_b - std_b**2).clamp(min=0).sqrt() * ew
-    if prev_sample is None:
-        if noise is None:
-            raise ValueError("ddim_step_with_logprob needs either noise or prev_sample")
-        prev_sample = (mean + std_b * noise.to(wd)).to(x_t.dtype)
-    logp = -((prev_sample.detach().to(wd) - mean) ** 2) / (2 * std_b**2) - std_b.log() - _LOG_SQRT_2PI
-    return prev_sample, logp.mean(dim=tuple(range(1, x_t.ndim))), mean, std
-
-
-def step_timesteps(policy: DiffusionPolicy, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDIM timesteps and their predecessors, e.g. 20 steps: 951..1 and 901..-49."""
-    sched = policy.scheduler
-    sched.set_timesteps(num_steps)
-    t = sched.timesteps.clone().long()
-    prev = t - sched.config.num_train_timesteps // num_steps
-    return t, prev
-
-
-def final_alpha(policy: DiffusionPolicy) -> torch.Tensor:
-    return policy.scheduler.final_alpha_cumprod
-
-
-def policy_step(policy: DiffusionPolicy, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
-                eta: float, noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None):
-    """ddim_step_with_logprob with the policy's schedule; t, prev_t are (B,) long tensors."""
-    a, a_prev = alphas_at(policy.alphas_cumprod, final_alpha(policy), t, prev_t)
-    return ddim_step_with_logprob(x, eps, a, a_prev, eta=eta, noise=noise, prev_sample=prev_sample)
-
-
-def _full(v: int | torch.Tensor, n: int, device) -> torch.Tensor:
-    return torch.full((n,), int(v), dtype=torch.long, device=device)
+def _full(v: int | float | torch.Tensor, n: int, device, dtype=torch.long) -> torch.Tensor:
+    return torch.full((n,), v.item() if torch.is_tensor(v) else v, dtype=dtype, device=device)
 
 
 class RowRNG:
@@ -133,7 +52,7 @@ class RowRNG:
 
 
 @torch.no_grad()
-def sample_images(policy: DiffusionPolicy, prompts: list[str], seeds: list[int], num_steps: int = 20,
+def sample_images(policy: Policy, prompts: list[str], seeds: list[int], num_steps: int = 20,
                   guidance_scale: float = 5.0, eta: float = 1.0, batch_size: int = 64,
                   return_latents: bool = False, progress: bool = False) -> torch.Tensor:
     """Generate one image per (prompt, seed) with per-image noise streams.
@@ -146,7 +65,8 @@ def sample_images(policy: DiffusionPolicy, prompts: list[str], seeds: list[int],
 
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    ts, prevs = step_timesteps(policy, num_steps)
+    proc = policy.process
+    ts, prevs = proc.grid(num_steps)
     shape = policy.latent_shape
     out = []
     rng = range(0, len(prompts), batch_size)
@@ -159,16 +79,16 @@ def sample_images(policy: DiffusionPolicy, prompts: list[str], seeds: list[int],
         x = noises[:, 0]
         for i in range(num_steps):
             n = len(bp)
-            t, pt = _full(ts[i], n, x.device), _full(prevs[i], n, x.device)
-            eps = policy.guided_eps(x, t, cond, guidance_scale)
-            x, _, _, _ = policy_step(policy, x, eps, t, pt, eta, noise=noises[:, i + 1])
+            t, pt = _full(ts[i], n, x.device, ts.dtype), _full(prevs[i], n, x.device, ts.dtype)
+            out_i = policy.predict(x, t, cond, guidance_scale)
+            x, _, _, _ = proc.step(x, out_i, t, pt, eta, noise=noises[:, i + 1])
         out.append(x if return_latents else policy.decode(x))
     return torch.cat(out)
 
 
 @dataclass
 class Trajectories:
-    """Full DDIM trajectories (for D3PO / DDPO): latents[:, i] -> latents[:, i + 1] at timesteps[i]."""
+    """Whole trajectories (for D3PO / DDPO): latents[:, i] -> latents[:, i + 1] at timesteps[i]."""
 
     latents: torch.Tensor  # (B, N+1, C, H, W)
     log_probs: torch.Tensor  # (B, N) under the sampling policy
@@ -178,19 +98,20 @@ class Trajectories:
 
 
 @torch.no_grad()
-def sample_trajectories(policy: DiffusionPolicy, cond: Conditioning, rng: RowRNG, rows: torch.Tensor, num_steps: int = 20,
+def sample_trajectories(policy: Policy, cond: Conditioning, rng: RowRNG, rows: torch.Tensor, num_steps: int = 20,
                         guidance_scale: float = 5.0, eta: float = 1.0, x_T: torch.Tensor | None = None) -> Trajectories:
     """Whole trajectories for the rows of ``cond``; ``rows[i]`` names the RowRNG stream of row i."""
-    ts, prevs = step_timesteps(policy, num_steps)
+    proc = policy.process
+    ts, prevs = proc.grid(num_steps)
     n = len(cond)
     shape = policy.latent_shape
     x = x_T if x_T is not None else rng.randn(rows, shape, policy.device, policy.dtype)
     lat, lps = [x], []
     for i in range(num_steps):
-        t, pt = _full(ts[i], n, x.device), _full(prevs[i], n, x.device)
-        eps = policy.guided_eps(x, t, cond, guidance_scale)
+        t, pt = _full(ts[i], n, x.device, ts.dtype), _full(prevs[i], n, x.device, ts.dtype)
+        out = policy.predict(x, t, cond, guidance_scale)
         z = rng.randn(rows, shape, x.device, x.dtype)
-        x, lp, _, _ = policy_step(policy, x, eps, t, pt, eta, noise=z)
+        x, lp, _, _ = proc.step(x, out, t, pt, eta, noise=z)
         lat.append(x)
         lps.append(lp)
     return Trajectories(torch.stack(lat, 1), torch.stack(lps, 1), ts, prevs, unet_evals=n * num_steps)
@@ -266,7 +187,7 @@ def resample_index(mode: str, win: torch.Tensor, lose: torch.Tensor, k: int, rng
 
 
 @torch.no_grad()
-def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: SamplerConfig,
+def spo_sample(policy: Policy, cond: Conditioning, scorer, cfg: SamplerConfig,
                rng: RowRNG) -> tuple[StepPairs, SampleStats]:
     """Run the SPO step-wise sampler for a batch of prompts (all prompts advance together).
 
@@ -280,8 +201,10 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
     ``cfg.decode_batch_size``, and the chosen candidate's noise prediction is reused for the next
     step. Returns the kept pairs (possibly none) and statistics.
     """
-    ts, prevs = step_timesteps(policy, cfg.num_steps)
+    proc = policy.process
+    ts, prevs = proc.grid(cfg.num_steps)
     n_steps, k, g = cfg.num_steps, cfg.k, cfg.guidance_scale
+    full = lambda v, n: _full(v, n, dev, ts.dtype)  # noqa: E731 - a time for n rows
     P = len(cond)
     dev, dt = policy.device, policy.dtype
     shape = policy.latent_shape
@@ -292,19 +215,19 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
 
     def eps_at(x: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         stats.unet_evals += x.shape[0]
-        return policy.guided_eps(x, _full(ts[step], x.shape[0], dev), cond.select(rows), g)
+        return policy.predict(x, full(ts[step], x.shape[0]), cond.select(rows), g)
 
     def step(x, eps, i, rows):
         n = x.shape[0]
         z = rng.randn(rows, shape, dev, dt)
-        out, _, _, _ = policy_step(policy, x, eps, _full(ts[i], n, dev), _full(prevs[i], n, dev), cfg.eta, noise=z)
+        out, _, _, _ = proc.step(x, eps, full(ts[i], n), full(prevs[i], n), cfg.eta, noise=z)
         return out
 
     rows1 = torch.arange(P, device=dev)
     x = rng.randn(rows1.cpu(), shape, dev, dt)
     eps_cache: torch.Tensor | None = None
     i = 0
-    while i < n_steps and int(prevs[i]) >= cfg.kappa:
+    while i < n_steps and float(proc.on_1000(prevs[i])) >= cfg.kappa:
         eps = eps_cache if eps_cache is not None else eps_at(x, i, rows1)
         x = step(x, eps, i, rows1)
         eps_cache = None
@@ -332,10 +255,10 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
             path_x.append(cand)
         if end < n_steps:
             eps_end = eps_at(cand, end, rows_k)
-            x0 = policy.x0_from_eps(cand, _full(ts[end], P * k, dev), eps_end)
-            t_score = _full(ts[end], P * k, dev)
+            x0 = proc.x0(cand, full(ts[end], P * k), eps_end)
+            t_score = proc.on_1000(full(ts[end], P * k))
         else:
-            eps_end, x0, t_score = None, cand, _full(0, P * k, dev)
+            eps_end, x0, t_score = None, cand, proc.on_1000(full(0, P * k))
         scores = decode_and_score(policy, scorer, x0, [cond.prompts[r] for r in rows_k.tolist()], t_score,
                                   cfg.decode_batch_size, stats).view(P, k)
         stats.score_means.append(float(scores.mean()))
@@ -350,7 +273,7 @@ def spo_sample(policy: DiffusionPolicy, cond: Conditioning, scorer, cfg: Sampler
         for s in range(j):  # the segment's label applies to each of its transitions
             pairs.append(StepPairs(
                 x_t_w=path_x[s][fw], x_t_l=path_x[s][fl], x_prev_w=path_x[s + 1][fw], x_prev_l=path_x[s + 1][fl],
-                t=_full(ts[i + s], len(kept), dev), prev_t=_full(prevs[i + s], len(kept), dev),
+                t=full(ts[i + s], len(kept)), prev_t=full(prevs[i + s], len(kept)),
                 prompt_index=kept.clone(), shared=torch.full((len(kept),), s == 0 and m == 1, device=dev),
                 score_w=s_w[kept].float(), score_l=s_l[kept].float(), order=_full(i + s, len(kept), dev),
             ))
@@ -383,7 +306,7 @@ def segment_ends(start: int, num_steps: int, inner_steps: int) -> list[int]:
     return ends
 
 
-def decode_and_score(policy: DiffusionPolicy, scorer, latents: torch.Tensor, prompts: list[str], t: torch.Tensor,
+def decode_and_score(policy: Policy, scorer, latents: torch.Tensor, prompts: list[str], t: torch.Tensor,
                      chunk: int, stats: SampleStats | None = None) -> torch.Tensor:
     """Decode latents and score the images, ``chunk`` at a time (bounds the decoder's memory)."""
     out = []

@@ -26,7 +26,7 @@ from .distributed import gather_conditioning, gather_rows, micro_batch_share, re
 from .models.diffusion import Conditioning, DiffusionPolicy
 from .models.lora import attach_lora, lora_state_dict, save_lora, save_merged
 from .rows import Rows
-from .sampling import RowRNG
+from .rollouts import RowRNG
 from .utils import atomic_file
 from .errors import SpoError
 
@@ -149,7 +149,7 @@ def _load_lora_into(policy: DiffusionPolicy, lora: dict[str, torch.Tensor], path
     if set(own) != set(lora) or any(own[k].shape != lora[k].shape for k in own):
         raise TrainingError(f"checkpoint '{path}' does not match this LoRA configuration (rank or target modules differ); "
                             f"resume with the config it was trained with, or start without --resume")
-    set_peft_model_state_dict(policy.unet, lora)
+    set_peft_model_state_dict(policy.denoiser, lora)
 
 
 def train_rounds(
@@ -195,7 +195,7 @@ def train_rounds(
         torch.manual_seed(train_cfg.seed)  # the LoRA init is part of the seeded run
         params = attach_lora(policy, lora_cfg)
     if train_cfg.gradient_checkpointing:
-        policy.unet.enable_gradient_checkpointing()
+        policy.denoiser.enable_gradient_checkpointing()
     opt = make_optimizer(params, optim_cfg)
     start, history = 0, []
     if not resume and acc.is_main_process:
@@ -203,7 +203,7 @@ def train_rounds(
         if stale:
             log.warning("starting from round 0 (no --resume): removed %d checkpoint(s) of an earlier run in %s",
                         stale, store.root)
-    unet_wrapped, opt = acc.prepare(policy.unet, opt)
+    unet_wrapped, opt = acc.prepare(policy.denoiser, opt)
     if resume:
         try:
             ckpt = store.resume(config, RESUME_MAY_CHANGE)
@@ -220,7 +220,7 @@ def train_rounds(
             history = list(ckpt.manifest.get("history", []))
             start = ckpt.step + 1
             log.info("resumed from %s (round %d done)", ckpt.path, ckpt.step)
-    policy.forward_unet = unet_wrapped
+    policy.forward_denoiser = unet_wrapped
     total_sample_evals = sum(h.get("sample_unet_evals", 0) for h in history)
     total_train_evals = sum(h.get("train_unet_evals", 0) for h in history)
     if acc.is_main_process:
@@ -233,7 +233,7 @@ def train_rounds(
         # Shuffling is shared by all processes (process 0's stream: one process reproduces N).
         shuffle = torch.Generator().manual_seed(round_seed(train_cfg.seed, r, 0))
         gen = torch.Generator().manual_seed(round_seed(train_cfg.seed, r, acc.process_index))
-        policy.unet.eval()
+        policy.denoiser.eval()
         if prompts is None:  # offline methods draw their own data
             ctx = RoundContext(policy, r, [], None, gen, acc)
         else:
@@ -247,9 +247,9 @@ def train_rounds(
         ctx.cond = gather_conditioning(acc, ctx.cond)
         data = gather_rows(acc, data, local_prompts)
         t_sample = time.perf_counter() - t0
-        policy.unet.train()
+        policy.denoiser.train()
         step_stats = _train_on(ctx, method, data, params, opt, optim_cfg, train_cfg, shuffle)
-        policy.unet.eval()
+        policy.denoiser.eval()
         metrics.update(step_stats)
         total_sample_evals += metrics.get("sample_unet_evals", 0)
         total_train_evals += metrics.get("train_unet_evals", 0)
@@ -277,7 +277,7 @@ def train_rounds(
                     state["scaler"] = acc.scaler.state_dict()
                 store.save(r, {"lora": lora}, state, config, RESUME_MAY_CHANGE, extra={"history": history})
         acc.wait_for_everyone()
-    policy.forward_unet = policy.unet
+    policy.forward_denoiser = policy.denoiser
     if history and not any(h.get("optimizer_steps", 0) for h in history):
         raise TrainingError(
             f"no optimiser step in {len(history)} round(s): every round had no training item (all pairs filtered, e.g. "
@@ -329,7 +329,7 @@ def _train_on(ctx: RoundContext, method: Method, data: Rows, params: list[torch.
             g0 = mi - mi % accum
             group = min(accum, len(starts) - g0)
             sync = mi == g0 + group - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(ctx.policy.forward_unet):
+            with contextlib.nullcontext() if sync else acc.no_sync(ctx.policy.forward_denoiser):
                 with acc.autocast():
                     loss, m = method.loss(ctx, batch)
                 bad = reduce_sums(acc, torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device))

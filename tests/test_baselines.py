@@ -15,7 +15,7 @@ from spo_core.models.diffusion import load_policy
 from spo_core.scorers.simple import BrightnessScorer
 from spo_core.stages import train_d3po, train_ddpo, train_diffusion_dpo
 from spo_core.training import RoundContext
-from spo_core.sampling import RowRNG
+from spo_core.rollouts import RowRNG
 
 BASE = dict(model=dict(pretrained="tiny:sd15", resolution=16), sampler=dict(num_steps=3), lora=dict(rank=2),
             optim=dict(lr=1e-3), scorer=dict(name="brightness"),

@@ -129,7 +129,7 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
         ("sampler.threshold=1.0", "sampler.threshold"),
         ("sampler.resampler=best", "sampler.resampler"),
         ("sampler.num_steps=abc", "sampler.num_steps"),
-        ("model.kind=sd3", "model.kind"),
+        ("model.kind=sd2", "model.kind"),
         ("model.dtype=float64", "model.dtype"),
         ("lora.rank=0", "lora.rank"),
         ("lora.init=zeros", "lora.init"),

@@ -70,3 +70,38 @@ def test_two_launched_processes_match_one(tmp_path: Path):
     assert max(float(a[k].abs().max()) for k in ups) > 1e-4
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+GRPO = {
+    "train_grpo": {
+        "model": {"pretrained": "tiny:flux", "kind": "flux", "resolution": 16},
+        "sampler": {"num_steps": 4, "guidance_scale": 3.0, "eta": 0.7},
+        "samples_per_prompt": 3,
+        "global_std": True,  # the round's reward std over both processes' groups
+        "lora": {"rank": 2, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "optim": {"lr": 1.0e-3},
+        "train": {"rounds": 2, "prompts_per_round": 4, "train_batch_size": 64, "seed": 0},
+        "scorer": {"name": "brightness"},
+        "prompts": CFG["train_spo"]["prompts"],
+        "device": "cpu",
+    }
+}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_for_flow_grpo_on_a_flux_model(tmp_path: Path):
+    # Each process samples its own prompts' groups on the flow SDE; the global std and the gradients
+    # are shared, so the LoRA equals the one-process run's.
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(GRPO))
+    stage = [sys.executable, "-m", "spo_core.stages.train_grpo", "--params", "cfg.yaml"]
+    two = _run([*stage, "--set", "launch.num_processes=2", "--set", "train.output_dir=two"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "grpo: 2 process(es) share 4 prompts per round" in two.stderr
+    one = _run([*stage, "--set", "train.output_dir=one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "one/lora/pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two/lora/pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(k.startswith("transformer.") for k in a)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-4
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k

@@ -13,7 +13,7 @@ from PIL import Image
 from spo_core.config import LoraConfig, ModelConfig
 from spo_core.models.diffusion import load_policy
 from spo_core.models.lora import KOHYA_WEIGHT_NAME, attach_lora, save_lora
-from spo_core.sampling import sample_images
+from spo_core.rollouts import sample_images
 from spo_core.stages.generate import MANIFEST, main
 
 TINY = ModelConfig(pretrained="tiny:sd15")

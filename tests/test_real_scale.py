@@ -11,7 +11,8 @@ from spo_core.methods.spo import SPOMethod, pair_logprobs
 from spo_core.models.diffusion import DDIM_OVERRIDES
 from spo_core.models.lora import adapters_disabled, attach_lora
 from spo_core.models.tiny import SD_SCHEDULER_CONFIG
-from spo_core.sampling import RowRNG, ddim_step_with_logprob, segment_ends, spo_sample, step_timesteps
+from spo_core.processes.ddim import ddim_step_with_logprob
+from spo_core.rollouts import RowRNG, segment_ends, spo_sample
 from spo_core.scorers.simple import BrightnessScorer
 from spo_core.training import TrainingError, make_optimizer, train_rounds
 
@@ -94,7 +95,7 @@ def test_sdxl_profile_scores_segment_ends_at_551_351_151_0(make_policy):
     sampler = load_spo_config("sdxl").sampler
     assert (sampler.num_steps, sampler.kappa, sampler.inner_steps) == (20, 750, 3)
     policy = make_policy("sdxl")
-    ts, _ = step_timesteps(policy, 20)
+    ts, _ = policy.process.grid(20)
     rec = _Recorder()
     pairs, stats = spo_sample(policy, policy.encode_prompts(["a cat"]), rec,
                               sampler.model_copy(update={"threshold": 0.0}), RowRNG([3]))

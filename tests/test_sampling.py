@@ -1,4 +1,5 @@
-"""Tests for spo_core.sampling: the DDIM log-probability step and the SPO branching sampler."""
+"""Tests for the DDIM process (spo_core.processes.ddim: the log-probability step) and the rollouts
+(spo_core.rollouts: plain sampling and the SPO branching sampler) on it."""
 
 from __future__ import annotations
 
@@ -8,19 +9,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from spo_core import sampling
 from spo_core.config import SamplerConfig
 from spo_core.models.tiny import SD_SCHEDULER_CONFIG
-from spo_core.sampling import (
-    RowRNG,
-    alphas_at,
-    ddim_step_with_logprob,
-    keep_pair,
-    policy_step,
-    sample_images,
-    spo_sample,
-    step_timesteps,
-)
+from spo_core.processes.ddim import alphas_at, ddim_step_with_logprob
+from spo_core.rollouts import RowRNG, keep_pair, sample_images, spo_sample
 from spo_core.scorers.simple import BrightnessScorer
 
 # 6 DDIM steps ("leading", offset 1): t = 831, 665, 499, 333, 167, 1 and prev_t = t - 166.
@@ -137,12 +129,12 @@ def test_ddim_logprob_gradients():
         ddim_step_with_logprob(x, eps, a, ap)
 
 
-def test_step_timesteps_and_policy_step_final_alpha(make_policy):
+def test_ddim_grid_and_step_final_alpha(make_policy):
     policy = make_policy("sd15")
-    ts, prevs = step_timesteps(policy, 20)
+    ts, prevs = policy.process.grid(20)
     assert ts.tolist() == list(range(951, 0, -50))
     assert prevs.tolist() == list(range(901, -50, -50))
-    ts6, prevs6 = step_timesteps(policy, 6)
+    ts6, prevs6 = policy.process.grid(6)
     assert ts6.tolist() == T6 and prevs6.tolist() == [t - 166 for t in T6]
     # The policy's scheduler is DDIM with the SPO settings whatever the checkpoint ships.
     c = policy.scheduler.config
@@ -152,7 +144,7 @@ def test_step_timesteps_and_policy_step_final_alpha(make_policy):
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(2)
     x, eps, z = (torch.randn((1, 4, 16, 16), generator=g) for _ in range(3))
-    out, _, _, _ = policy_step(policy, x, eps, torch.tensor([1]), torch.tensor([-49]), 1.0, noise=z)
+    out, _, _, _ = policy.process.step(x, eps, torch.tensor([1]), torch.tensor([-49]), 1.0, noise=z)
     torch.testing.assert_close(out, sched.step(eps, 1, x, eta=1.0, variance_noise=z).prev_sample)
 
 
@@ -194,7 +186,7 @@ def test_sample_images_paired_noise_independent_of_batch(make_policy):
 def test_kappa_sets_the_branched_timesteps(make_policy, num_steps, kappa, first_t):
     policy = make_policy("sd15")
     pairs, stats, scorer = run(policy, ["a cat"], cfg(num_steps=num_steps, kappa=kappa))
-    ts, _ = step_timesteps(policy, num_steps)
+    ts, _ = policy.process.grid(num_steps)
     expected = [t for t in ts.tolist() if t <= first_t]
     assert sorted(pairs.t.tolist(), reverse=True) == expected
     assert stats.segments == len(expected)
@@ -404,13 +396,13 @@ def test_chosen_candidate_prediction_is_reused(make_policy, monkeypatch):
     P, k = 2, 3
     calls = _count_guided(policy, monkeypatch)
     steps = []
-    orig_step = sampling.policy_step
+    orig_step = policy.process.step
 
-    def rec_step(pol, x, eps, t, prev_t, eta, noise=None, prev_sample=None):
+    def rec_step(x, eps, t, prev_t, eta, noise=None, prev_sample=None):
         steps.append({"x": x.clone(), "eps": eps.clone(), "t": t.clone()})
-        return orig_step(pol, x, eps, t, prev_t, eta, noise=noise, prev_sample=prev_sample)
+        return orig_step(x, eps, t, prev_t, eta, noise=noise, prev_sample=prev_sample)
 
-    monkeypatch.setattr(sampling, "policy_step", rec_step)
+    monkeypatch.setattr(policy.process, "step", rec_step)
     cond = policy.encode_prompts(["a cat", "a dog"])
     _, stats = spo_sample(policy, cond, RecordingScorer(), cfg(k=k, resampler="random"), RowRNG([3, 4]))
     # Only the very first step evaluates the P parents; later parents reuse the prediction made when

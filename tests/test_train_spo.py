@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from spo_core.config import LoraConfig, OptimConfig, SamplerConfig, SPOLossConfig, TrainConfig
 from spo_core.methods.spo import SPOMethod, pair_logprobs
 from spo_core.models.lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, adapters_disabled, attach_lora, load_lora
-from spo_core.sampling import RowRNG, sample_images, spo_sample
+from spo_core.rollouts import RowRNG, sample_images, spo_sample
 from spo_core.scorers.simple import BrightnessScorer
 from spo_core.training import RoundContext, TrainingError, train_rounds
 

@@ -1,4 +1,4 @@
-"""D3PO baseline: two full trajectories from one x_T; the final images' preference labels every step.
+"""D3PO baseline: two whole trajectories from one x_T; the final images' preference labels every step.
 
 Training reuses SPO's pair log-probabilities and clamped-ratio loss (beta 0.1 by default); only
 the first transition of a pair shares x_t, so the rest cost two evaluations per model.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RolloutConfig, SPOLossConfig
-from ..sampling import SampleStats, StepPairs, decode_and_score, keep_pair, sample_trajectories
+from ..rollouts import SampleStats, StepPairs, decode_and_score, keep_pair, sample_trajectories
 from ..training import RoundContext
 from .spo import SPOMethod
 
@@ -51,7 +51,7 @@ class D3POMethod(SPOMethod):
             parts.append(StepPairs(
                 x_t_w=tr.latents[w_rows, i], x_t_l=tr.latents[l_rows, i],
                 x_prev_w=tr.latents[w_rows, i + 1], x_prev_l=tr.latents[l_rows, i + 1],
-                t=torch.full((n,), int(tr.timesteps[i]), device=dev), prev_t=torch.full((n,), int(tr.prev_timesteps[i]), device=dev),
+                t=tr.timesteps[i].to(dev).expand(n).clone(), prev_t=tr.prev_timesteps[i].to(dev).expand(n).clone(),
                 prompt_index=kept.to(dev), shared=torch.full((n,), i == 0, device=dev),
                 score_w=s_w[kept].to(dev), score_l=s_l[kept].to(dev), order=torch.full((n,), i, device=dev),
             ))

@@ -1,4 +1,4 @@
-"""DDPO baseline: PPO on whole DDIM trajectories, reward = the preference model on final images."""
+"""DDPO baseline: PPO on whole trajectories (DDIM or flow SDE), reward = the preference model on final images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..config import RolloutConfig
 from ..losses import normalize_advantages, ppo_clip_loss
 from ..rows import Rows
-from ..sampling import SampleStats, decode_and_score, policy_step, sample_trajectories
+from ..rollouts import SampleStats, decode_and_score, sample_trajectories
 from ..training import RoundContext
 
 
@@ -44,25 +44,33 @@ class DDPOMethod:
         stats = SampleStats()
         rewards = decode_and_score(policy, self.scorer, tr.latents[:, -1], prompts, torch.zeros(len(rows), dtype=torch.long),
                                    self.sampler.decode_batch_size, stats).cpu()
-        adv = normalize_advantages(rewards, rows)
-        B, N = len(rows), self.sampler.num_steps
+        adv = self.advantages(ctx, rewards, rows)
+        B, N = len(rows), self.trained_steps()
         dev = tr.latents.device
         data = Transitions(
-            x_t=tr.latents[:, :-1].reshape(B * N, *tr.latents.shape[2:]),
-            x_prev=tr.latents[:, 1:].reshape(B * N, *tr.latents.shape[2:]),
-            t=tr.timesteps.to(dev).repeat(B), prev_t=tr.prev_timesteps.to(dev).repeat(B),
+            x_t=tr.latents[:, :N].reshape(B * N, *tr.latents.shape[2:]),
+            x_prev=tr.latents[:, 1:N + 1].reshape(B * N, *tr.latents.shape[2:]),
+            t=tr.timesteps[:N].to(dev).repeat(B), prev_t=tr.prev_timesteps[:N].to(dev).repeat(B),
             prompt_index=rows.to(dev).repeat_interleave(N), advantage=adv.to(dev).repeat_interleave(N),
-            logp_old=tr.log_probs.reshape(B * N),
+            logp_old=tr.log_probs[:, :N].reshape(B * N),
             order=(torch.arange(S).repeat(P)[:, None] * N + torch.arange(N)[None]).reshape(B * N).to(dev),
         )
         return data, {"sample_unet_evals": tr.unet_evals, "decode_chunks": stats.decode_chunks,
                       "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                       "score_mean": float(rewards.mean())}
 
+    def advantages(self, ctx: RoundContext, rewards: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """DDPO's per-prompt standardised rewards."""
+        return normalize_advantages(rewards, rows)
+
+    def trained_steps(self) -> int:
+        """The steps of each trajectory that are trained on (the first ones): all of them in DDPO."""
+        return self.sampler.num_steps
+
     def loss(self, ctx: RoundContext, b: Transitions):
         policy = ctx.policy
-        eps = policy.guided_eps(b.x_t, b.t, ctx.cond.select(b.prompt_index), self.sampler.guidance_scale)
-        _, logp, _, _ = policy_step(policy, b.x_t, eps, b.t, b.prev_t, self.sampler.eta, prev_sample=b.x_prev)
+        out = policy.predict(b.x_t, b.t, ctx.cond.select(b.prompt_index), self.sampler.guidance_scale)
+        _, logp, _, _ = policy.process.step(b.x_t, out, b.t, b.prev_t, self.sampler.eta, prev_sample=b.x_prev)
         loss, info = ppo_clip_loss(logp, b.logp_old, b.advantage, self.clip_range, self.adv_clip)
         return loss, {"loss": float(loss.detach()), "ratio": float(info["ratio"].mean()),
                       "clipfrac": float(info["clipfrac"].mean()), "unet_evals": len(b)}

@@ -14,7 +14,7 @@ from ..data.stream import PreferenceSource
 from ..losses import diffusion_dpo_loss
 from ..models.lora import adapters_disabled
 from ..rows import Rows
-from ..sampling import RowRNG
+from ..rollouts import RowRNG
 from ..training import RoundContext, item_seed, prompts_for_round, round_positions
 
 

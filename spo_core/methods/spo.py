@@ -9,7 +9,7 @@ import torch
 from ..config import SamplerConfig, SPOLossConfig
 from ..losses import clamped_ratio_dpo_loss
 from ..models.lora import adapters_disabled
-from ..sampling import StepPairs, policy_step, spo_sample
+from ..rollouts import StepPairs, spo_sample
 from ..training import RoundContext
 
 
@@ -24,12 +24,13 @@ def pair_logprobs(policy, ctx_cond, pairs: StepPairs, guidance_scale: float, eta
     states = torch.cat([pairs.x_t_w, pairs.x_t_l[ns]])
     ts = torch.cat([pairs.t, pairs.t[ns]])
     rows = torch.cat([pairs.prompt_index, pairs.prompt_index[ns]])
-    eps = policy.guided_eps(states, ts, ctx_cond.select(rows), guidance_scale)
-    lose_idx = torch.arange(b, device=eps.device)
-    lose_idx[ns] = b + torch.arange(len(ns), device=eps.device)
-    eps_w, eps_l = eps[:b], eps[lose_idx]
-    _, logp_w, _, _ = policy_step(policy, pairs.x_t_w, eps_w, pairs.t, pairs.prev_t, eta, prev_sample=pairs.x_prev_w)
-    _, logp_l, _, _ = policy_step(policy, pairs.x_t_l, eps_l, pairs.t, pairs.prev_t, eta, prev_sample=pairs.x_prev_l)
+    out = policy.predict(states, ts, ctx_cond.select(rows), guidance_scale)
+    lose_idx = torch.arange(b, device=out.device)
+    lose_idx[ns] = b + torch.arange(len(ns), device=out.device)
+    out_w, out_l = out[:b], out[lose_idx]
+    step = policy.process.step
+    _, logp_w, _, _ = step(pairs.x_t_w, out_w, pairs.t, pairs.prev_t, eta, prev_sample=pairs.x_prev_w)
+    _, logp_l, _, _ = step(pairs.x_t_l, out_l, pairs.t, pairs.prev_t, eta, prev_sample=pairs.x_prev_l)
     return logp_w, logp_l, states.shape[0]
 
 

@@ -18,9 +18,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..config import ModelConfig
+from ..errors import InputError
+from ..processes.ddim import DDIMProcess
 from ..utils import DTYPES
 from .latent_map import PixelShuffleLatentMap
-from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,13 @@ class DiffusionPolicy:
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.scheduler = DDIMScheduler.from_config(scheduler.config, **DDIM_OVERRIDES)
+        self.process = DDIMProcess(self.scheduler)  # what the rollouts step with
         for m in self.frozen_modules():
             m.requires_grad_(False)
             m.eval()
         self.unet.requires_grad_(False)
         # The module that runs the UNet forward: a DDP-wrapped UNet while training under accelerate.
-        self.forward_unet = unet
+        self.forward_denoiser = unet
         sf = self.vae_scale_factor
         self.resolution = resolution or int(self.unet.config.sample_size) * sf
         if self.resolution % sf:
@@ -105,6 +107,11 @@ class DiffusionPolicy:
     # ---------------------------------------------------------------- properties
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the LoRA adapts and the trainer optimises."""
+        return self.unet
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +184,7 @@ class DiffusionPolicy:
     def _unet(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, added: dict | None) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": added} if added is not None else {}
         # float32 from here on (fp16/bf16 UNets): the CFG combination and every schedule term.
-        out = self.forward_unet(x, t, encoder_hidden_states=hidden, **kwargs).sample.float()
+        out = self.forward_denoiser(x, t, encoder_hidden_states=hidden, **kwargs).sample.float()
         if self.scheduler.config.prediction_type == "v_prediction":
             a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1).float()
             out = a.sqrt() * out + (1 - a).sqrt() * x.float()
@@ -189,7 +196,7 @@ class DiffusionPolicy:
         """CFG-combined noise prediction; one batched UNet call (counts as one guided evaluation).
 
         ``t`` is a scalar or a (B,) tensor of integer timesteps. Gradients flow if enabled. The
-        result is float32 whatever the UNet's dtype (see :func:`spo_core.sampling.work_dtype`).
+        result is float32 whatever the UNet's dtype (see :func:`spo_core.processes.common.work_dtype`).
         """
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).long()
@@ -204,15 +211,16 @@ class DiffusionPolicy:
         eps_u, eps_c = self._unet(torch.cat([x, x]), torch.cat([t, t]), hidden, added).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """The network output the process steps with (for a UNet policy: :meth:`guided_eps`)."""
+        return self.guided_eps(x, t, cond, guidance_scale)
+
     def x0_from_eps(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The x0 estimate, computed in float32 (or float64) whatever the latents' dtype."""
-        wd = torch.promote_types(x.dtype, torch.float32)
-        a = self.alphas_cumprod.to(x.device)[torch.as_tensor(t, device=x.device).long()]
-        a = a.reshape(-1, *([1] * (x.ndim - 1))).to(wd)
-        return (x.to(wd) - (1 - a).sqrt() * eps.to(wd)) / a.sqrt()
+        return self.process.x0(x, t, eps)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(x0, noise, torch.as_tensor(t, device=x0.device).long())
+        return self.process.add_noise(x0, noise, t)
 
     # ---------------------------------------------------------------- latents <-> images
     @torch.no_grad()
@@ -285,26 +293,24 @@ def _load_vae(src: str, subfolder: str | None, kw: dict):
     return AutoencoderKL.from_pretrained(src, subfolder=subfolder, **kw)
 
 
-def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> DiffusionPolicy:
-    """Load a policy from ``cfg.pretrained``: a hub id, a local pipeline directory, or ``tiny:<kind>``."""
+def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu"):
+    """Load a policy from ``cfg.pretrained``: a hub id, a local pipeline directory, or ``tiny:<kind>``.
+
+    A :class:`DiffusionPolicy` for the UNet kinds, a :class:`spo_core.models.flow_policy.FlowPolicy`
+    for ``sd3`` and ``flux``; both offer what the rollouts and trainers use."""
     src = cfg.pretrained
     dtype = DTYPES[cfg.dtype]
+    if src.startswith("tiny:") and (src.split(":", 1)[1] or cfg.kind) != cfg.kind:
+        raise ModelLoadError(f"model.pretrained={src} does not match model.kind={cfg.kind}")
+    if cfg.kind in ("sd3", "flux"):
+        return _load_flow_policy(cfg, device, dtype)
+    _check_options(cfg, ("max_sequence_length", "true_cfg_scale"), "sd3 and flux")
     if src.startswith("tiny:"):
         from .tiny import build_tiny_components
 
-        kind = src.split(":", 1)[1] or cfg.kind
-        if kind != cfg.kind:
-            raise ModelLoadError(f"model.pretrained={src} does not match model.kind={cfg.kind}")
-        policy = DiffusionPolicy(kind=kind, resolution=cfg.resolution, **build_tiny_components(kind))
+        policy = DiffusionPolicy(kind=cfg.kind, resolution=cfg.resolution, **build_tiny_components(cfg.kind))
         return policy.to(device, dtype)
-    local = _is_local(src)
-    if not local and _looks_like_path(src):  # not a hub id (owner/name): a path that does not exist
-        raise ModelLoadError(f"model path '{src}' does not exist: check the path (relative paths start at the working "
-                             "directory), or give a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-    if local:
-        src = str(Path(src).expanduser())
-        if not (Path(src) / "model_index.json").exists() and not (Path(src) / "unet").is_dir():
-            raise ModelLoadError(f"'{src}' is not a diffusers pipeline directory (no model_index.json or unet/)")
+    src, local = _locate(cfg)
     kw = dict(revision=cfg.revision, local_files_only=cfg.local_files_only or local)
     parts: dict = {}
     try:
@@ -333,4 +339,46 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu") -> Diffusi
         log.info("the VAE asks for float32 (force_upcast): decoding in float32; an fp16-fix VAE "
                  "(model.vae=madebyollin/sdxl-vae-fp16-fix) decodes faster in fp16")
     log.info("loaded %s policy from %s (%d UNet parameters)", cfg.kind, src, sum(p.numel() for p in policy.unet.parameters()))
+    return policy
+
+
+def _check_options(cfg: ModelConfig, names: tuple[str, ...], kinds: str) -> None:
+    set_ = [n for n in names if getattr(cfg, n) != type(cfg).model_fields[n].default]
+    if set_:
+        raise ModelLoadError(f"model.{set_[0]} applies to {kinds} models only; model.kind is {cfg.kind}: remove it")
+
+
+def _locate(cfg: ModelConfig) -> tuple[str, bool]:
+    """(source, is local) for ``cfg.pretrained``, checked: a missing path fails here with the fix."""
+    src = cfg.pretrained
+    local = _is_local(src)
+    if not local and _looks_like_path(src):  # not a hub id (owner/name): a path that does not exist
+        raise ModelLoadError(f"model path '{src}' does not exist: check the path (relative paths start at the working "
+                             "directory), or give a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if local:
+        src = str(Path(src).expanduser())
+        if not (Path(src) / "model_index.json").exists() and not any((Path(src) / d).is_dir()
+                                                                     for d in ("unet", "transformer")):
+            raise ModelLoadError(f"'{src}' is not a diffusers pipeline directory (no model_index.json, unet/ or "
+                                 f"transformer/)")
+    return src, local
+
+
+def _load_flow_policy(cfg: ModelConfig, device, dtype):
+    from .flow_policy import build_flow_policy
+
+    if cfg.vae:
+        raise ModelLoadError("model.vae applies to sd15 and sdxl models only: remove it (SD3 and FLUX load their own)")
+    src, local = (cfg.pretrained, False) if cfg.pretrained.startswith("tiny:") else _locate(cfg)
+    kw = dict(revision=cfg.revision, local_files_only=cfg.local_files_only or local)
+    try:
+        policy = build_flow_policy(src, cfg.kind, kw, resolution=cfg.resolution,
+                                   max_sequence_length=cfg.max_sequence_length, true_cfg_scale=cfg.true_cfg_scale)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # hub/offline/corrupt errors come in many types
+        raise _offline_hint(src, "the flow model", exc) from exc
+    policy.to(device, dtype)
+    log.info("loaded %s policy from %s (%d transformer parameters)", cfg.kind, src,
+             sum(p.numel() for p in policy.transformer.parameters()))
     return policy

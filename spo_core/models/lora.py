@@ -1,8 +1,10 @@
-"""LoRA on the policy's UNet through diffusers' peft integration: attach, save, load, export, merge.
+"""LoRA on the policy's denoiser through diffusers' peft integration: attach, save, load, export, merge.
 
-The reference model is the same UNet with the adapter disabled, so no second UNet is held in
-memory. Saved LoRAs are in the diffusers format that ``StableDiffusionPipeline.load_lora_weights``
-(and the SDXL pipeline) read; a kohya / webui export is written beside them.
+The denoiser is the UNet of SD-1.5 / SDXL or the transformer of SD3 / FLUX (``policy.denoiser``).
+The reference model is the same network with the adapter disabled, so no second copy is held in
+memory. Saved LoRAs are in the diffusers format that the pipelines' ``load_lora_weights`` read
+(``StableDiffusionPipeline``, the SDXL one, ``StableDiffusion3Pipeline``, ``FluxPipeline``); for the
+UNet models a kohya / webui export is written beside them.
 
 Loading takes our directories, diffusers files, kohya/webui files (also SDXL ones with the SGM block
 names ``input_blocks``/``middle_block``/``output_blocks``, mapped by diffusers' own converter given
@@ -39,13 +41,24 @@ class LoraLoadError(InputError, RuntimeError):
 
 
 def _pipeline_cls(kind: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                               "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[kind])
+
+
+def _prefix(kind: str) -> str:
+    """The denoiser's key prefix in diffusers LoRA files."""
+    return "unet" if kind in ("sd15", "sdxl") else "transformer"
+
+
+def _net(kind: str) -> str:
+    """The denoiser's name in messages."""
+    return "UNet" if kind in ("sd15", "sdxl") else "transformer"
 
 
 def attach_lora(policy: DiffusionPolicy, cfg: LoraConfig, adapter_name: str = ADAPTER) -> list[torch.nn.Parameter]:
-    """Add a trainable LoRA adapter to the UNet; returns its parameters (kept in float32)."""
+    """Add a trainable LoRA adapter to the denoiser; returns its parameters (kept in float32)."""
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.lora_alpha,
@@ -54,44 +67,55 @@ def attach_lora(policy: DiffusionPolicy, cfg: LoraConfig, adapter_name: str = AD
         lora_dropout=cfg.dropout,
     )
     try:
-        policy.unet.add_adapter(peft_cfg, adapter_name=adapter_name)
+        policy.denoiser.add_adapter(peft_cfg, adapter_name=adapter_name)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError
-        raise LoraLoadError(f"no UNet module matched lora.target_modules={cfg.target_modules}: {exc}") from exc
+        raise LoraLoadError(f"no {_net(policy.kind)} module matched lora.target_modules={cfg.target_modules}: "
+                            f"{exc}") from exc
     params = []
-    for name, p in policy.unet.named_parameters():
+    for name, p in policy.denoiser.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()  # train adapters in fp32 even when the UNet is fp16
             p.requires_grad_(True)
             params.append(p)
     if not params:
-        raise LoraLoadError(f"no UNet module matched lora.target_modules={cfg.target_modules}")
+        raise LoraLoadError(f"no {_net(policy.kind)} module matched lora.target_modules={cfg.target_modules}")
     log.info("LoRA rank %d on %s: %d trainable parameters", cfg.rank, cfg.target_modules, sum(p.numel() for p in params))
     return params
 
 
 @contextlib.contextmanager
 def adapters_disabled(policy: DiffusionPolicy) -> Iterator[None]:
-    """The reference model: the base UNet with every adapter switched off."""
-    unet = policy.unet
-    unet.disable_adapters()
+    """The reference model: the base denoiser with every adapter switched off."""
+    net = policy.denoiser
+    net.disable_adapters()
     try:
         yield
     finally:
-        unet.enable_adapters()
+        net.enable_adapters()
 
 
 def lora_state_dict(policy: DiffusionPolicy, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft key layout (``...lora_A.weight``), detached, on CPU."""
-    sd = get_peft_model_state_dict(policy.unet, adapter_name=adapter_name)
+    sd = get_peft_model_state_dict(policy.denoiser, adapter_name=adapter_name)
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
 def save_lora(policy: DiffusionPolicy, out_dir: str | Path, cfg: LoraConfig, export_kohya: bool = True,
               adapter_name: str = ADAPTER) -> Path:
-    """Write the LoRA (diffusers format) and optionally a kohya/webui export, atomically."""
+    """Write the LoRA (diffusers format) and, for the UNet models, optionally a kohya/webui export, atomically."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 
     peft_sd = lora_state_dict(policy, adapter_name)
+    metadata = {"r": cfg.rank, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)}
+    if _prefix(policy.kind) == "transformer":  # SD3 / FLUX: peft names, as diffusers' own training scripts save
+        with atomic_dir(out_dir) as tmp:
+            _pipeline_cls(policy.kind).save_lora_weights(str(tmp), transformer_lora_layers=peft_sd,
+                                                         safe_serialization=True,
+                                                         transformer_lora_adapter_metadata=metadata)
+        if export_kohya:
+            log.info("no kohya export for %s LoRAs (its format is for UNet models): the diffusers file is the LoRA",
+                     policy.kind)
+        return Path(out_dir)
     layers = convert_state_dict_to_diffusers(peft_sd)
     if any(".lora_A." in k or ".lora_B." in k for k in layers):
         # diffusers renames only attention projections (to_q.lora.down, ...); a file that mixes those with
@@ -99,9 +123,7 @@ def save_lora(policy: DiffusionPolicy, out_dir: str | Path, cfg: LoraConfig, exp
         layers = peft_sd
     with atomic_dir(out_dir) as tmp:
         _pipeline_cls(policy.kind).save_lora_weights(
-            str(tmp), unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata={"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
-                                        "target_modules": list(cfg.target_modules)},
+            str(tmp), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata,
         )
         if export_kohya:
             kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
@@ -188,40 +210,48 @@ def read_lora_state_dict(kind: str, source: Path | dict[str, torch.Tensor], unet
     if isinstance(source, Path) and source.is_dir():
         kwargs["weight_name"] = _weight_name(source)
     src = str(source) if isinstance(source, Path) else source
+    if kind == "sd3":  # no network alphas in SD3's loader
+        sd, metadata = _pipeline_cls(kind).lora_state_dict(src, return_lora_metadata=True, **kwargs)
+        return sd, None, metadata
+    if kind == "flux":
+        return _pipeline_cls(kind).lora_state_dict(src, return_alphas=True, return_lora_metadata=True, **kwargs)
     return _pipeline_cls(kind).lora_state_dict(src, return_lora_metadata=True, unet_config=unet_config, **kwargs)
 
 
 def load_lora(policy: DiffusionPolicy, path: str | Path, adapter_name: str = ADAPTER, trainable: bool = False) -> None:
-    """Load a LoRA into the UNet: our directory, a diffusers or kohya/webui file (SGM block names
+    """Load a LoRA into the denoiser: our directory, a diffusers or kohya/webui file (SGM block names
     included, e.g. SDXL LoRAs from civitai), a released SPO LoRA, or a hub id (see :func:`resolve_lora`)."""
     path = resolve_lora(path)
+    prefix = _prefix(policy.kind)
     try:
-        sd, alphas, metadata = read_lora_state_dict(policy.kind, path, policy.unet.config)
+        sd, alphas, metadata = read_lora_state_dict(policy.kind, path, policy.denoiser.config)
     except LoraLoadError:
         raise
     except Exception as exc:
         raise LoraLoadError(f"could not read LoRA '{path}': {_first_line(exc)}. Is it a diffusers or kohya LoRA "
-                            f"safetensors file for this {policy.kind} UNet?") from exc
-    unet_sd = {k: v for k, v in sd.items() if k.startswith("unet.")}
-    if not unet_sd:
-        raise LoraLoadError(f"LoRA '{path}' has no UNet weights (keys like unet.*); it may be for another model family")
+                            f"safetensors file for this {policy.kind} {_net(policy.kind)}?") from exc
+    net_sd = {k: v for k, v in sd.items() if k.startswith(f"{prefix}.")}
+    if not net_sd:
+        raise LoraLoadError(f"LoRA '{path}' has no {_net(policy.kind)} weights (keys like {prefix}.*); it may be for "
+                            f"another model family")
     n_text = sum(1 for k in sd if k.startswith("text_encoder"))
-    if n_text:  # webui applies these too; this project trains and loads the UNet part only
-        log.warning("LoRA '%s': %d text-encoder tensors are ignored (only the UNet part is loaded)", path, n_text)
-    bad = [k for k, v in unet_sd.items() if not bool(torch.isfinite(v).all())]
+    if n_text:  # webui applies these too; this project trains and loads the denoiser part only
+        log.warning("LoRA '%s': %d text-encoder tensors are ignored (only the %s part is loaded)", path, n_text,
+                    _net(policy.kind))
+    bad = [k for k, v in net_sd.items() if not bool(torch.isfinite(v).all())]
     if bad:  # before any image is generated or scored: it would only give black images
-        raise LoraLoadError(f"LoRA '{path}' holds NaN/inf values in {len(bad)} of {len(unet_sd)} tensors (e.g. {bad[0]}): "
+        raise LoraLoadError(f"LoRA '{path}' holds NaN/inf values in {len(bad)} of {len(net_sd)} tensors (e.g. {bad[0]}): "
                             f"it comes from a diverged run; use an earlier checkpoint's LoRA")
     try:
-        policy.unet.load_lora_adapter(unet_sd, network_alphas=alphas, prefix="unet", adapter_name=adapter_name,
-                                      metadata=metadata)
+        policy.denoiser.load_lora_adapter(net_sd, network_alphas=alphas, prefix=prefix, adapter_name=adapter_name,
+                                          metadata=metadata)
     except Exception as exc:
         raise LoraLoadError(
-            f"LoRA '{path}' does not fit this {policy.kind} UNet ({type(exc).__name__}: {_first_line(exc)}). "
+            f"LoRA '{path}' does not fit this {policy.kind} {_net(policy.kind)} ({type(exc).__name__}: {_first_line(exc)}). "
             f"Check model.kind/model.pretrained match the model it was trained on."
         ) from exc
-    _check_loaded(policy, unet_sd, path, adapter_name)
-    for name, p in policy.unet.named_parameters():
+    _check_loaded(policy, net_sd, path, adapter_name)
+    for name, p in policy.denoiser.named_parameters():
         if "lora_" in name and f".{adapter_name}." in name:
             p.requires_grad_(trainable)
 
@@ -232,21 +262,21 @@ def _first_line(exc: Exception, limit: int = 300) -> str:
 
 def _check_loaded(policy: DiffusionPolicy, sd: dict[str, torch.Tensor], path: Path, adapter_name: str = ADAPTER) -> None:
     # A LoRA of another model can load "successfully" with most keys ignored: count what landed.
-    n_loaded = sum(1 for n, _ in policy.unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n)
+    n_loaded = sum(1 for n, _ in policy.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n)
     if n_loaded == 0 or n_loaded != len(sd):
-        raise LoraLoadError(f"LoRA '{path}' fits this {policy.kind} UNet only partly ({n_loaded} of {len(sd)} tensors "
+        raise LoraLoadError(f"LoRA '{path}' fits this {policy.kind} {_net(policy.kind)} only partly ({n_loaded} of {len(sd)} tensors "
                             f"loaded): it was trained for another model")
 
 
 def merge_lora(policy: DiffusionPolicy) -> None:
     """Fold the active adapter into the base weights (for a merged export)."""
-    policy.unet.fuse_lora()
+    policy.denoiser.fuse_lora()
 
 
 def save_merged(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
-    """Save the whole pipeline with the LoRA merged into the UNet weights."""
-    policy.unet.fuse_lora()
-    policy.unet.unload_lora()
+    """Save the whole pipeline with the LoRA merged into the denoiser's weights."""
+    policy.denoiser.fuse_lora()
+    policy.denoiser.unload_lora()
     with atomic_dir(out_dir) as tmp:
         policy.save_pretrained(tmp)
     return Path(out_dir)

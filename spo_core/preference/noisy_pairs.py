@@ -221,20 +221,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def estimate_x0_images(policy, images_0: torch.Tensor, images_1: torch.Tensor, captions: list[str], timesteps: torch.Tensor,
                        noise: torch.Tensor, guidance_scale: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded one-step x0 estimates of both images of B pairs, in one guided UNet call.
+    """Decoded one-step x0 estimates of both images of B pairs, in one guided network call.
 
     ``images_*``: (B, 3, R, R) in [0, 1] at the policy's resolution; ``noise``: (B, C, h, w), shared
-    by the two images of a pair; ``timesteps``: (B,). Returns two (B, 3, R, R) tensors in [0, 1].
+    by the two images of a pair; ``timesteps``: (B,) on the 0..1000 scale of the preference model
+    (the policy's process maps them to its own times: DDIM timesteps, or flow times t / 1000 with
+    x_t = (1 - t) x0 + t eps). Returns two (B, 3, R, R) tensors in [0, 1].
     """
     b = images_0.shape[0]
     dev = policy.device
+    proc = policy.process
     latents = policy.encode_images(torch.cat([images_0, images_1]).to(dev))
     eps = torch.cat([noise, noise]).to(dev, latents.dtype)
-    t = torch.cat([timesteps, timesteps]).to(dev).long()
-    x_t = policy.add_noise(latents, eps, t)
+    t = proc.from_1000(torch.cat([timesteps, timesteps]).to(dev))
+    x_t = proc.add_noise(latents, eps, t)
     cond = policy.encode_prompts(captions).select(list(range(b)) * 2)
-    eps_hat = policy.guided_eps(x_t, t, cond, guidance_scale)
-    decoded = policy.decode(policy.x0_from_eps(x_t, t, eps_hat))
+    out = policy.predict(x_t, t, cond, guidance_scale)
+    decoded = policy.decode(proc.x0(x_t, t, out))
     return decoded[:b], decoded[b:]
 
 
@@ -492,8 +495,8 @@ def _fingerprint(policy, df: pd.DataFrame, plan: EntryPlan, settings: BuildSetti
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "salt": plan.salt,
         "data_digest": digest, "num_rows": len(df),
-        "model": {"class": type(policy.unet).__name__, "kind": policy.kind, "resolution": policy.resolution,
-                  "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.unet.parameters())},
+        "model": {"class": type(policy.denoiser).__name__, "kind": policy.kind, "resolution": policy.resolution,
+                  "dtype": str(policy.dtype), "unet_parameters": sum(p.numel() for p in policy.denoiser.parameters())},
     }, blocks
 
 
@@ -724,7 +727,7 @@ class OnTheFlyPairs(Dataset):
             from ..models.diffusion import load_policy
 
             self._policy = load_policy(ModelConfig(**self.model_cfg), device=torch.device(device))
-            self._policy.unet.requires_grad_(False)
+            self._policy.denoiser.requires_grad_(False)
         policy, st = self._policy, self.settings
         draws = [draw_entry(st.seed, self.salt, int(k), int(self.plan_timestep[int(k)]), policy.latent_shape,
                             st.num_train_timesteps) for k in batch["entry"]]

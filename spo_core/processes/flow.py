@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import _LOG_SQRT_2PI, _bcast, work_dtype
+from .common import bcast, gaussian_logprob, work_dtype
 
 
 def forward_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x_t = (1 - t) x0 + t eps`` with t (B,) per row."""
-    tb = _bcast(t.to(x0.dtype), x0)
+    tb = bcast(t.to(x0.dtype), x0)
     return (1 - tb) * x0 + tb * eps
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The clean-image estimate ``x_t - t v`` (the step-aware preference model scores it)."""
-    return x_t - _bcast(t.to(x_t.dtype), x_t) * v
+    return x_t - bcast(t.to(x_t.dtype), x_t) * v
 
 
 def sde_noise_scale(t: torch.Tensor, noise_level: float, t_cap: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +61,7 @@ def flow_sde_step_with_logprob(
 
     Give ``noise`` to sample, or ``prev_sample`` to evaluate the log-probability of a given next
     sample. Returns (x_s, log_prob (B,), mean, std (B,)) as ``sampling.ddim_step_with_logprob``
-    does: the log-probability is the mean over C, H, W, computed in :func:`work_dtype`, of the
+    does: the log-probability is the mean over C, H, W, computed in ``work_dtype``, of the
     stored (rounded) x_s. At ``noise_level = 0`` std is 0 and the log-probability is undefined (NaN).
     """
     wd = work_dtype(x_t.dtype)
@@ -71,10 +71,10 @@ def flow_sde_step_with_logprob(
         raise ValueError("a reverse step needs 0 < t and s < t for every row")
     g = sde_noise_scale(t, noise_level, t_cap)
     dt = s - t
-    t_b, dt_b, g2 = _bcast(t, xw), _bcast(dt, xw), _bcast(g**2, xw)
+    t_b, dt_b, g2 = bcast(t, xw), bcast(dt, xw), bcast(g**2, xw)
     mean = xw * (1 + g2 * dt_b / (2 * t_b)) + vw * (1 + g2 * (1 - t_b) / (2 * t_b)) * dt_b
     std = g * (-dt).sqrt()
-    std_b = _bcast(std, xw)
+    std_b = bcast(std, xw)
     if prev_sample is None:
         if noise is None:
             raise ValueError("flow_sde_step_with_logprob needs either noise or prev_sample")
@@ -82,6 +82,43 @@ def flow_sde_step_with_logprob(
     if noise_level == 0:
         logp = torch.full((x_t.shape[0],), float("nan"), dtype=wd, device=x_t.device)
     else:
-        diff = prev_sample.detach().to(wd) - mean
-        logp = (-(diff**2) / (2 * std_b**2) - std_b.log() - _LOG_SQRT_2PI).mean(dim=tuple(range(1, x_t.ndim)))
+        logp = gaussian_logprob(prev_sample, mean, std_b)
     return prev_sample, logp, mean, std
+
+
+class FlowProcess:
+    """The process of a velocity-predicting flow policy on its scheduler's grid (``sigmas(n)``: 1 ... 0).
+
+    Times are floats in [0, 1]; ``eta`` is the SDE's noise level (Flow-GRPO's 0.7; 0 is the ODE). The
+    noise scale at t = 1 uses the grid's next time, as Flow-GRPO does."""
+
+    time_dtype = torch.float32
+
+    def __init__(self, sigmas):
+        self.sigmas = sigmas  # num_steps -> (N + 1,) grid, the policy's
+
+    def grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sigmas(num_steps).float()
+        return s[:-1].clone(), s[1:].clone()
+
+    def on_1000(self, t: torch.Tensor) -> torch.Tensor:
+        """Times on the 0..1000 scale of ``sampler.kappa`` and the step-aware preference model."""
+        return t * 1000
+
+    def from_1000(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow times t / 1000 for times on the 0..1000 scale (noisy pairs draw those)."""
+        return t.float() / 1000
+
+    def step(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor, eta: float,
+             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None):
+        return flow_sde_step_with_logprob(x, v, t, prev_t, noise_level=eta, t_cap=prev_t.to(t.dtype), noise=noise,
+                                          prev_sample=prev_sample)
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        wd = work_dtype(x.dtype)
+        t = torch.as_tensor(t, device=x.device, dtype=wd).reshape(-1).expand(x.shape[0])
+        return x0_from_velocity(x.to(wd), v.to(wd), t)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x0.device, dtype=x0.dtype).reshape(-1).expand(x0.shape[0])
+        return forward_noise(x0, noise, t)

@@ -13,7 +13,7 @@ from .. import tracking
 from ..config import MonitorConfig, PromptsConfig, TrainerBaseConfig
 from ..data.prompts import load_prompts
 from ..models.diffusion import DiffusionPolicy, load_policy
-from ..sampling import sample_images
+from ..rollouts import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, make_accelerator, train_rounds
 from ..reporting import image_grid

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ..models.diffusion import DiffusionPolicy
 from ..reporting import image_grid
-from ..sampling import sample_images
+from ..rollouts import sample_images
 from .config import SampleConfig, WorldConfig
 from .rater import rate_prompts
 from .render import render_prompts

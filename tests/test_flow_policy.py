@@ -1,0 +1,92 @@
+"""The flow-matching policies (SD3 / SD3.5 and FLUX.1 architectures, tiny random weights) against
+diffusers' own pipelines: the ODE rollout, the text conditioning, the LoRA files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spo_core.config import LoraConfig, ModelConfig, OptimConfig, SamplerConfig, SPOLossConfig, TrainConfig
+from spo_core.models.diffusion import ModelLoadError, load_policy
+from spo_core.models.flow_policy import pack_latents, unpack_latents
+from spo_core.models.lora import attach_lora, load_lora, save_lora
+from spo_core.models.tiny_flow import save_tiny_flow_pipeline
+from spo_core.rollouts import sample_images
+
+PROMPTS = ["a red cube", "blue sky at night", ""]
+SEEDS = [11, 12, 13]
+RES = 16  # 8x8 latents: 16 SD3 patches, 16 packed FLUX tokens
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {kind: save_tiny_flow_pipeline(kind, root / kind) for kind in ("sd3", "flux")}
+
+
+def _pipeline(kind, path):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    pipe = (StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline).from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_latents(kind, pipe, policy, steps, guidance):
+    """The pipeline's final latents from the initial noise sample_images draws for SEEDS."""
+    shape = policy.latent_shape
+    x_T = torch.stack([torch.randn((steps + 1, *shape), generator=torch.Generator().manual_seed(s))[0] for s in SEEDS])
+    kw = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", height=RES,
+              width=RES, max_sequence_length=policy.max_sequence_length)
+    with torch.no_grad():
+        if kind == "sd3":
+            return pipe(latents=x_T, negative_prompt=[""] * len(PROMPTS), **kw).images
+        return unpack_latents(pipe(latents=pack_latents(x_T), **kw).images, *shape[1:])
+
+
+@pytest.mark.parametrize("kind,guidance", [("sd3", 4.5), ("sd3", 1.0), ("flux", 3.5)])
+def test_the_ode_rollout_equals_the_diffusers_pipeline(kind, guidance, pipelines):
+    # noise level 0: the SDE step is the scheduler's Euler step; the grid (SD3's static shift, FLUX's
+    # resolution-dependent one), the text encoders, CFG / the guidance embedding and FLUX's packing all
+    # have to match for the final latents to agree.
+    policy = load_policy(ModelConfig(pretrained=str(pipelines[kind]), kind=kind, resolution=RES))
+    steps = 5
+    ours = sample_images(policy, PROMPTS, SEEDS, num_steps=steps, guidance_scale=guidance, eta=0.0, return_latents=True)
+    theirs = _diffusers_latents(kind, _pipeline(kind, pipelines[kind]), policy, steps, guidance)
+    assert ours.abs().mean() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_saved_lora_loads_in_the_diffusers_pipeline_and_back(kind, pipelines, tmp_path):
+    policy = load_policy(ModelConfig(pretrained=str(pipelines[kind]), kind=kind, resolution=RES))
+    cfg = LoraConfig(rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                             "add_v_proj", "to_add_out"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        params = attach_lora(policy, cfg)
+        for p in params:  # a trained-looking adapter: lora_B starts at zero
+            p.data.normal_(0, 0.3)
+    save_lora(policy, tmp_path / "lora", cfg)
+    steps, guidance = 4, 3.0
+    ours = sample_images(policy, PROMPTS, SEEDS, num_steps=steps, guidance_scale=guidance, eta=0.0, return_latents=True)
+    base = load_policy(ModelConfig(pretrained=str(pipelines[kind]), kind=kind, resolution=RES))
+    plain = sample_images(base, PROMPTS, SEEDS, num_steps=steps, guidance_scale=guidance, eta=0.0, return_latents=True)
+    assert (ours - plain).abs().max() > 1e-2  # the adapter matters
+    pipe = _pipeline(kind, pipelines[kind])
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(_diffusers_latents(kind, pipe, policy, steps, guidance), ours, rtol=1e-4, atol=1e-4)
+    load_lora(base, tmp_path / "lora")  # and our loader reads it back
+    again = sample_images(base, PROMPTS, SEEDS, num_steps=steps, guidance_scale=guidance, eta=0.0, return_latents=True)
+    torch.testing.assert_close(again, ours)
+
+
+def test_flow_options_are_refused_on_unet_models_and_vae_on_flow_models():
+    with pytest.raises(ModelLoadError, match="model.true_cfg_scale applies to sd3 and flux"):
+        load_policy(ModelConfig(pretrained="tiny:sd15", true_cfg_scale=2.0))
+    with pytest.raises(ModelLoadError, match="model.vae applies to sd15 and sdxl"):
+        load_policy(ModelConfig(pretrained="tiny:flux", kind="flux", vae="some/vae"))
+    with pytest.raises(ModelLoadError, match="does not match model.kind"):
+        load_policy(ModelConfig(pretrained="tiny:sd3", kind="flux"))
