@@ -149,9 +149,9 @@ def use_model(policy: DiffusionPolicy, spec: ModelSpec, adapter_name: str = "eva
     """Make ``policy`` behave as ``spec`` inside the block.
 
     A LoRA is loaded under ``adapter_name``, made the only active adapter with weight ``scale`` and
-    deleted afterwards; the base runs with any adapters already on the UNet disabled.
+    deleted afterwards; the base runs with any adapters already on the denoiser disabled.
     """
-    unet = policy.unet
+    unet = policy.denoiser
     if spec.lora is None:
         if getattr(unet, "_hf_peft_config_loaded", False) and unet.peft_config:
             with adapters_disabled(policy):

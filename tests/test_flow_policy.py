@@ -90,3 +90,21 @@ def test_flow_options_are_refused_on_unet_models_and_vae_on_flow_models():
         load_policy(ModelConfig(pretrained="tiny:flux", kind="flux", vae="some/vae"))
     with pytest.raises(ModelLoadError, match="does not match model.kind"):
         load_policy(ModelConfig(pretrained="tiny:sd3", kind="flux"))
+
+
+def test_noisy_pair_x0_estimates_use_the_flow_forward_process(pipelines):
+    from spo_core.preference.noisy_pairs import estimate_x0_images
+
+    policy = load_policy(ModelConfig(pretrained=str(pipelines["flux"]), kind="flux", resolution=RES))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, RES, RES, generator=g), torch.rand(2, 3, RES, RES, generator=g)
+    noise = torch.randn(2, *policy.latent_shape, generator=g)
+    # t = 0 (timestep 0 of 1000): x_t is the clean latent and x0 = x_t - 0 v is it too.
+    x0_a, x0_b = estimate_x0_images(policy, a, b, ["x", "y"], torch.tensor([0, 0]), noise, guidance_scale=3.5)
+    torch.testing.assert_close(x0_a, policy.decode(policy.encode_images(a)))
+    # t = 0.6: x_t = 0.4 x0 + 0.6 eps and the estimate is x_t - 0.6 v of the guided velocity.
+    x0_a, _ = estimate_x0_images(policy, a, b, ["x", "y"], torch.tensor([600, 600]), noise, guidance_scale=3.5)
+    lat = policy.encode_images(a)
+    x_t = 0.4 * lat + 0.6 * noise
+    v = policy.guided_velocity(x_t, torch.tensor(0.6), policy.encode_prompts(["x", "y"]), 3.5)
+    torch.testing.assert_close(x0_a, policy.decode(x_t - 0.6 * v), rtol=1e-4, atol=1e-4)

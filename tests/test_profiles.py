@@ -21,6 +21,7 @@ SECTIONS = {
     "train_spo": ("spo_core.config", "SPOConfig"),
     "train_d3po": ("spo_core.config", "D3POConfig"),
     "train_ddpo": ("spo_core.config", "DDPOConfig"),
+    "train_grpo": ("spo_core.config", "GRPOConfig"),
     "train_diffusion_dpo": ("spo_core.config", "DiffusionDPOConfig"),
     "evaluate": ("spo_core.stages.evaluate", "EvaluateConfig"),
 }
@@ -49,7 +50,7 @@ def _dvc_stages() -> dict:
     return yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("profile", ["toy", "sd15", "sdxl"])
+@pytest.mark.parametrize("profile", ["toy", "sd15", "sdxl", "sd35m", "flux_dev"])
 def test_dvc_yaml_runs_under_every_pipeline_profile(profile):
     # `spo params PROFILE > params.yaml && dvc repro` needs every stage's params section, and each
     # stage must write the very output path that dvc.yaml declares.
@@ -88,7 +89,7 @@ def _get(data: dict, dotted: str):
     return node
 
 
-@pytest.mark.parametrize("profile", ["toy", "micro", "sd15", "sdxl"])
+@pytest.mark.parametrize("profile", ["toy", "micro", "sd15", "sdxl", "sd35m", "flux_dev"])
 def test_params_file_holds_every_key_dvc_lists_and_loads_back(profile, tmp_path):
     # dvc.yaml lists single keys (train_spo.train.rounds) and DVC refuses a stage whose key is missing
     # from params.yaml, so `spo params` writes every value, defaults included.
@@ -136,3 +137,19 @@ def test_noisy_pairs_data_is_a_dvc_dependency_by_path():
     for profile in ("toy", "micro"):  # the toy world's pairs: inside toy_prefs' output, so DVC orders them
         noisy = read_profile(profile)["noisy_pairs"]
         assert all(noisy[k].startswith(read_profile(profile)["toy_prefs"]["output_dir"] + "/") for k in ("data", "eval_data"))
+
+
+def test_flow_profiles_carry_flow_grpos_published_settings():
+    sd3, flux = read_profile("sd35m"), read_profile("flux_dev")
+    assert sd3["train_spo"]["model"]["kind"] == "sd3" and flux["train_spo"]["model"]["kind"] == "flux"
+    g3, gf = sd3["train_grpo"], flux["train_grpo"]
+    assert (g3["sampler"]["num_steps"], g3["sampler"]["guidance_scale"], g3["sampler"]["eta"]) == (10, 4.5, 0.7)
+    assert (gf["sampler"]["num_steps"], gf["sampler"]["guidance_scale"], gf["sampler"]["eta"]) == (6, 3.5, 0.9)
+    assert (g3["kl_beta"], gf["kl_beta"]) == (0.01, 0.0) and g3["samples_per_prompt"] == gf["samples_per_prompt"] == 24
+    for g, steps in ((g3, 10), (gf, 6)):
+        assert g["clip_range"] == 1e-4 and g["global_std"] and g["optim"]["lr"] == 3e-4
+        # two optimiser steps per 48 groups of 24 images, each step over the trained steps of half of them
+        t = g["train"]
+        per_step = t["train_batch_size"] * t["gradient_accumulation_steps"]
+        assert per_step == 24 * 24 * int(steps * g["timestep_fraction"]) and t["prompts_per_round"] == 24
+    assert sd3["evaluate"]["sampler"]["eta"] == 0.0 and flux["evaluate"]["sampler"]["num_steps"] == 28

@@ -40,7 +40,8 @@ MANIFEST = "manifest.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spo generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local diffusers pipeline directory, or tiny:sd15 / tiny:sdxl")
-    p.add_argument("--kind", choices=["sd15", "sdxl"], default="sd15", help="model family (default sd15)")
+    p.add_argument("--kind", choices=["sd15", "sdxl", "sd3", "flux"], default="sd15",
+                   help="model family (default sd15; sd3: SD3/SD3.5, flux: FLUX.1)")
     p.add_argument("--vae", default=None, help="separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights dtype (default float16 on GPU, float32 on CPU)")
