@@ -12,7 +12,7 @@ from spo_core.config import LoraConfig, ModelConfig, OptimConfig, SamplerConfig,
 from spo_core.models.diffusion import ModelLoadError, load_policy
 from spo_core.models.flow_policy import pack_latents, unpack_latents
 from spo_core.models.lora import attach_lora, load_lora, save_lora
-from spo_core.models.tiny_flow import save_tiny_flow_pipeline
+from spo_core.models.tiny import save_tiny_pipeline
 from spo_core.rollouts import sample_images
 
 PROMPTS = ["a red cube", "blue sky at night", ""]
@@ -23,7 +23,7 @@ RES = 16  # 8x8 latents: 16 SD3 patches, 16 packed FLUX tokens
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    return {kind: save_tiny_flow_pipeline(kind, root / kind) for kind in ("sd3", "flux")}
+    return {kind: save_tiny_pipeline(kind, root / kind) for kind in ("sd3", "flux")}
 
 
 def _pipeline(kind, path):

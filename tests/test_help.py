@@ -8,7 +8,7 @@ import pytest
 
 from spo_core.cli import DESCRIPTIONS, STAGES, main
 
-TRAINERS = {"train-spo", "train-d3po", "train-ddpo", "train-diffusion-dpo"}
+TRAINERS = {"train-spo", "train-d3po", "train-ddpo", "train-grpo", "train-diffusion-dpo"}
 
 
 def test_spo_help_lists_every_sub_command_with_its_description(capsys):

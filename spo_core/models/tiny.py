@@ -156,13 +156,18 @@ def _tiny_components(kind: str, tok_dir: Path) -> dict:
 
 
 def save_tiny_pipeline(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save random tiny components as a diffusers pipeline directory (like a downloaded checkpoint)."""
-    from .diffusion import DiffusionPolicy
+    """Save random tiny components of ``kind`` (sd15, sdxl, sd3, flux) as a diffusers pipeline
+    directory (like a downloaded checkpoint)."""
+    import shutil
 
+    if kind in ("sd3", "flux"):
+        from .flow_policy import FlowPolicy as policy_cls
+        from .tiny_flow import build_tiny_flow_components as build
+    else:
+        from .diffusion import DiffusionPolicy as policy_cls
+        build = build_tiny_components
     with atomic_dir(out_dir) as tmp:
-        comps = build_tiny_components(kind, seed=seed, tokenizer_dir=Path(tmp) / "_tok")
-        DiffusionPolicy(kind=kind, **comps).save_pretrained(tmp)
-        import shutil
-
+        comps = build(kind, seed=seed, tokenizer_dir=Path(tmp) / "_tok")
+        policy_cls(kind=kind, **comps).save_pretrained(tmp)
         shutil.rmtree(Path(tmp) / "_tok")
     return Path(out_dir)

@@ -16,7 +16,6 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
                           T5TokenizerFast)
 
-from ..utils import atomic_dir
 from .tiny import tiny_text_config, write_clip_tokenizer
 
 # The published schedulers' settings (SD3/SD3.5: a static shift of 3; FLUX.1: resolution-dependent).
@@ -97,15 +96,3 @@ def _components(kind: str, tok_dir: Path) -> dict:
                 text_encoder=CLIPTextModel(tiny_text_config(vocab)), tokenizer=clip_tok(),
                 text_encoder_2=tiny_t5(len(t5_tok), 32), tokenizer_2=t5_tok)
 
-
-def save_tiny_flow_pipeline(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Random tiny components saved as a diffusers pipeline directory (like a downloaded checkpoint)."""
-    import shutil
-
-    from .flow_policy import FlowPolicy
-
-    with atomic_dir(out_dir) as tmp:
-        comps = build_tiny_flow_components(kind, seed=seed, tokenizer_dir=Path(tmp) / "_tok")
-        FlowPolicy(kind=kind, **comps).save_pretrained(tmp)
-        shutil.rmtree(Path(tmp) / "_tok")
-    return Path(out_dir)
