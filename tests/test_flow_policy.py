@@ -108,3 +108,27 @@ def test_noisy_pair_x0_estimates_use_the_flow_forward_process(pipelines):
     x_t = 0.4 * lat + 0.6 * noise
     v = policy.guided_velocity(x_t, torch.tensor(0.6), policy.encode_prompts(["x", "y"]), 3.5)
     torch.testing.assert_close(x0_a, policy.decode(x_t - 0.6 * v), rtol=1e-4, atol=1e-4)
+
+
+def test_spo_branches_on_the_flow_grid_once_the_next_time_is_below_kappa():
+    from spo_core.config import SamplerConfig
+    from spo_core.rollouts import RowRNG, spo_sample
+
+    class Times:  # records the times the step-aware scorer is given (the 0..1000 scale)
+        name = "times"
+        seen: list = []
+
+        def score(self, images, prompts, timesteps=None):
+            self.seen.append(torch.as_tensor(timesteps).clone())
+            return images.mean(dim=(1, 2, 3))
+
+    policy = load_policy(ModelConfig(pretrained="tiny:flux", kind="flux", resolution=RES))
+    ts, prevs = policy.process.grid(6)
+    first = next(i for i in range(6) if float(prevs[i]) * 1000 < 750)
+    scorer = Times()
+    cfg = SamplerConfig(num_steps=6, kappa=750, k=2, eta=0.7, guidance_scale=3.5, threshold=0.0)
+    pairs, stats = spo_sample(policy, policy.encode_prompts(["a", "b"]), scorer, cfg, RowRNG([1, 2]))
+    assert pairs.t.dtype == torch.float32 and 0 < first < 5
+    assert sorted(set(pairs.t.tolist()), reverse=True) == ts[first:].tolist()  # one segment per step from there
+    # each segment's end is scored at its own time on the 0..1000 scale, the last one at 0 (the image)
+    assert [float(s[0]) for s in scorer.seen] == pytest.approx([*(prevs[first:-1] * 1000).tolist(), 0.0])
