@@ -101,7 +101,7 @@ def absorb(root: str | os.PathLike, records: dict[str, dict[str, Any]], pull: bo
     if not records:
         return
     root = Path(root).resolve()
-    with locked_repo(root) as repo:  # stages in this clone write dvc.lock too
+    with locked_repo(root):  # stages in this clone write dvc.lock too
         for name, rec in records.items():
             lock_path, key = _lockfile(root, name)
             if not lock_path.is_file():

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import SamplerConfig
 from .models.diffusion import Conditioning
 from .rows import Rows
+
+if TYPE_CHECKING:
+    from .models.diffusion import DiffusionPolicy
+    from .models.flow_policy import FlowPolicy
+
+    Policy = DiffusionPolicy | FlowPolicy
 
 log = logging.getLogger(__name__)
 

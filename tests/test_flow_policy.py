@@ -3,12 +3,10 @@ diffusers' own pipelines: the ODE rollout, the text conditioning, the LoRA files
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from spo_core.config import LoraConfig, ModelConfig, OptimConfig, SamplerConfig, SPOLossConfig, TrainConfig
+from spo_core.config import LoraConfig, ModelConfig
 from spo_core.models.diffusion import ModelLoadError, load_policy
 from spo_core.models.flow_policy import pack_latents, unpack_latents
 from spo_core.models.lora import attach_lora, load_lora, save_lora
