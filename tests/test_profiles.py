@@ -153,3 +153,13 @@ def test_flow_profiles_carry_flow_grpos_published_settings():
         per_step = t["train_batch_size"] * t["gradient_accumulation_steps"]
         assert per_step == 24 * 24 * int(steps * g["timestep_fraction"]) and t["prompts_per_round"] == 24
     assert sd3["evaluate"]["sampler"]["eta"] == 0.0 and flux["evaluate"]["sampler"]["num_steps"] == 28
+
+
+def test_the_committed_params_yaml_is_the_toy_profile_written_out():
+    # `dvc repro` on a fresh clone reads the committed params.yaml: a config field added without
+    # regenerating it leaves keys that dvc.yaml lists missing ("Parameters ... are missing").
+    from spo_core.params_file import params_text
+
+    committed = (Path(__file__).parents[1] / "params.yaml").read_text()
+    assert yaml.safe_load(committed) == yaml.safe_load(params_text("toy")), \
+        "params.yaml is stale: regenerate it with `spo params toy -o params.yaml`"
