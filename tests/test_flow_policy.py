@@ -130,3 +130,31 @@ def test_spo_branches_on_the_flow_grid_once_the_next_time_is_below_kappa():
     assert sorted(set(pairs.t.tolist()), reverse=True) == ts[first:].tolist()  # one segment per step from there
     # each segment's end is scored at its own time on the 0..1000 scale, the last one at 0 (the image)
     assert [float(s[0]) for s in scorer.seen] == pytest.approx([*(prevs[first:-1] * 1000).tolist(), 0.0])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_gradient_checkpointing_of_the_transformer_gives_the_same_gradients(kind):
+    # The memory control of the UNet path, on the transformer: activations recomputed in backward.
+    from spo_core.methods.grpo import gaussian_mean_kl
+
+    grads = []
+    for on in (False, True):
+        policy = load_policy(ModelConfig(pretrained=f"tiny:{kind}", kind=kind, resolution=RES))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            params = attach_lora(policy, LoraConfig(rank=2))
+            for p in params:
+                p.data.normal_(0, 0.1)
+        if on:
+            policy.denoiser.enable_gradient_checkpointing()
+        policy.denoiser.train()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, *policy.latent_shape, generator=g)
+        cond = policy.encode_prompts(["a", "b"])
+        t, s = torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.3])
+        v = policy.guided_velocity(x, t, cond, 3.0)
+        _, logp, mean, std = policy.process.step(x, v, t, s, 0.7, noise=torch.randn(x.shape, generator=g))
+        (logp.sum() + gaussian_mean_kl(mean, torch.zeros_like(mean), std).sum()).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
