@@ -92,7 +92,8 @@ class DiffusionDPOMethod:
         # One t and one noise per pair from the pair's own stream (any number of processes, same draw).
         rng = RowRNG([item_seed(self.seed + 1, p) for p in positions])
         rows = torch.arange(len(idx))
-        t = rng.randint(rows, policy.scheduler.config.num_train_timesteps).to(policy.device)
+        # t uniform on 0..999, as the process's times (DDIM: the timestep; flow: t / 1000)
+        t = policy.process.from_1000(rng.randint(rows, 1000)).to(policy.device)
         noise = rng.randn(rows, tuple(lat_w.shape[1:]), policy.device, lat_w.dtype)
         data = LatentPairs(lat_w, lat_l, noise, t, rows.to(policy.device), torch.zeros(len(idx), dtype=torch.long,
                                                                                         device=policy.device))
@@ -103,15 +104,15 @@ class DiffusionDPOMethod:
         n = len(b)
         x = torch.cat([policy.add_noise(b.lat_w, b.noise, b.t), policy.add_noise(b.lat_l, b.noise, b.t)])
         tt, cond = torch.cat([b.t, b.t]), ctx.cond.select(torch.cat([b.prompt_index, b.prompt_index]))
-        target = torch.cat([b.noise, b.noise])
+        target = torch.cat([policy.process.target(b.lat_w, b.noise), policy.process.target(b.lat_l, b.noise)])
 
         def errors(pred):
             e = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
             return e[:n], e[n:]
 
-        mw, ml = errors(policy.guided_eps(x, tt, cond, 1.0))  # conditional prediction, as Diffusion-DPO trains
+        mw, ml = errors(policy.predict(x, tt, cond, 1.0))  # conditional prediction, as Diffusion-DPO trains
         with torch.no_grad(), adapters_disabled(policy):
-            rw, rl = errors(policy.guided_eps(x, tt, cond, 1.0))
+            rw, rl = errors(policy.predict(x, tt, cond, 1.0))
         loss, info = diffusion_dpo_loss(mw, ml, rw, rl, beta=self.beta)
         return loss, {"loss": float(loss.detach()), "implicit_acc": float(info["implicit_acc"].mean()),
                       "unet_evals": 2 * x.shape[0]}

@@ -293,6 +293,21 @@ def _load_vae(src: str, subfolder: str | None, kw: dict):
     return AutoencoderKL.from_pretrained(src, subfolder=subfolder, **kw)
 
 
+PIPELINE_KINDS = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                  "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+def pipeline_kind(pipeline_dir: str | Path) -> str:
+    """The model kind of a local diffusers pipeline directory, from its ``model_index.json``."""
+    index = Path(pipeline_dir) / "model_index.json"
+    if not index.exists():
+        raise ModelLoadError(f"'{pipeline_dir}' is not a diffusers pipeline directory (no model_index.json)")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINE_KINDS:
+        raise ModelLoadError(f"'{pipeline_dir}' holds a {name}, not one of {', '.join(PIPELINE_KINDS)}")
+    return PIPELINE_KINDS[name]
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """Load a policy from ``cfg.pretrained``: a hub id, a local pipeline directory, or ``tiny:<kind>``.
 

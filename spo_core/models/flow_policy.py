@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..processes.flow import FlowProcess
-from .diffusion import Conditioning, ModelLoadError
+from .diffusion import Conditioning, ModelLoadError, _load_vae
+from .latent_map import PixelShuffleLatentMap
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ FLOW_KINDS = ("sd3", "flux")
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 # The T5 sequence length of the published pipelines' defaults.
 DEFAULT_T5_LENGTH = {"sd3": 256, "flux": 512}
+# model_index.json key of the T5 length a saved pipeline was trained with (the toy flow base: SD3 without
+# T5, whose zero T5 tokens diffusers sizes by max_sequence_length); loading uses it unless told otherwise.
+T5_LENGTH_KEY = "spo_max_sequence_length"
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +106,8 @@ class FlowPolicy:
 
     @property
     def vae_scale_factor(self) -> int:
+        if isinstance(self.vae, PixelShuffleLatentMap):
+            return int(self.vae.config.factor)
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -112,6 +118,8 @@ class FlowPolicy:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         s = self.resolution // self.vae_scale_factor
+        if isinstance(self.vae, PixelShuffleLatentMap):
+            return (self.vae.latent_channels, s, s)
         return (int(self.vae.config.latent_channels), s, s)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "FlowPolicy":
@@ -148,7 +156,8 @@ class FlowPolicy:
             return torch.zeros(len(prompts), self.max_sequence_length, width, device=self.device, dtype=self.dtype)
         return encoder(self._tokens(tokenizer, prompts, self.max_sequence_length))[0]
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states, pooled embedding) of ``prompts``; gradients flow if enabled (toy pretraining)."""
         if self.kind == "flux":
             ids = self._tokens(self.tokenizer, prompts, self.tokenizer.model_max_length)
             pooled = self.text_encoder(ids).pooler_output
@@ -169,16 +178,17 @@ class FlowPolicy:
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Both branches: the prompts and the empty negative prompt (SD3's CFG, FLUX's optional true CFG)."""
         prompts = list(prompts)
-        hidden, pooled = self._encode(prompts)
-        u_hidden, u_pooled = self._encode([""])
+        hidden, pooled = self.encode_text(prompts)
+        u_hidden, u_pooled = self.encode_text([""])
         return Conditioning(cond=hidden, uncond=u_hidden.expand_as(hidden).contiguous(),
                             cond_added={"pooled_projections": pooled},
                             uncond_added={"pooled_projections": u_pooled.expand_as(pooled).contiguous()},
                             prompts=prompts)
 
     # ---------------------------------------------------------------- transformer
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor,
-                  guidance: float | None) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor,
+                 guidance: float | None = None) -> torch.Tensor:
+        """One transformer call (no CFG): the velocity at latents x, times t (B,) in [0, 1], float32."""
         x = x.to(self.dtype)
         if self.kind == "sd3":  # SD3 takes t x 1000 (diffusers' timesteps)
             out = self.forward_denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=hidden,
@@ -205,14 +215,14 @@ class FlowPolicy:
             t = t.expand(b)
         pooled, u_pooled = cond.cond_added["pooled_projections"], cond.uncond_added["pooled_projections"]
         if self.kind == "flux":
-            v = self._velocity(x, t, cond.cond, pooled, guidance_scale)
+            v = self.velocity(x, t, cond.cond, pooled, guidance_scale)
             if self.true_cfg_scale > 1:
-                v_u = self._velocity(x, t, cond.uncond, u_pooled, guidance_scale)
+                v_u = self.velocity(x, t, cond.uncond, u_pooled, guidance_scale)
                 v = v_u + self.true_cfg_scale * (v - v_u)
             return v
         if guidance_scale <= 1.0:
-            return self._velocity(x, t, cond.cond, pooled, None)
-        v_u, v_c = self._velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond.uncond, cond.cond]),
+            return self.velocity(x, t, cond.cond, pooled, None)
+        v_u, v_c = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond.uncond, cond.cond]),
                                   torch.cat([u_pooled, pooled]), None).chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
 
@@ -228,6 +238,8 @@ class FlowPolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W), float32 (un-scaled, then un-shifted, as diffusers)."""
+        if isinstance(self.vae, PixelShuffleLatentMap):
+            return self.vae.decode_latents(latents.float()).float()
         vae_dtype = next(self.vae.parameters()).dtype
         cfg = self.vae.config
         z = latents.to(vae_dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
@@ -236,6 +248,8 @@ class FlowPolicy:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> latents: the posterior mean, shifted and scaled."""
+        if isinstance(self.vae, PixelShuffleLatentMap):
+            return self.vae.encode_images(images.float()).to(self.dtype)
         vae_dtype = next(self.vae.parameters()).dtype
         cfg = self.vae.config
         mean = self.vae.encode(images.to(vae_dtype) * 2 - 1).latent_dist.mean
@@ -262,12 +276,13 @@ class FlowPolicy:
             comp.save_pretrained(str(out / name))
             index[name] = [type(comp).__module__.split(".")[0], type(comp).__name__]
         index.update(image_encoder=[None, None], feature_extractor=[None, None])  # no IP-adapter
+        index[T5_LENGTH_KEY] = self.max_sequence_length
         (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def load_flow_components(src: str, kind: str, kw: dict) -> dict:
     """The components of a diffusers SD3 / FLUX pipeline directory or hub id (no pipeline object)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                               T5EncoderModel)
 
@@ -275,7 +290,7 @@ def load_flow_components(src: str, kind: str, kw: dict) -> dict:
         "transformer": (SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel).from_pretrained(
             src, subfolder="transformer", **kw),
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler", **kw),
-        "vae": AutoencoderKL.from_pretrained(src, subfolder="vae", **kw),
+        "vae": _load_vae(src, "vae", kw),
         "tokenizer": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
     }
     if kind == "sd3":
@@ -318,6 +333,9 @@ def build_flow_policy(src: str, kind: str, kw: dict, resolution: int | None = No
         max_sequence_length = max_sequence_length or t5_tokenizer.model_max_length
     else:
         parts = load_flow_components(src, kind, kw)
+        index_file = Path(src) / "model_index.json"
+        if max_sequence_length is None and index_file.exists():  # the length a saved pipeline was trained with
+            max_sequence_length = json.loads(index_file.read_text()).get(T5_LENGTH_KEY)
     expected = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[kind]
     if type(parts["transformer"]).__name__ != expected:
         raise ModelLoadError(f"'{src}' holds a {type(parts['transformer']).__name__}, not a model of kind '{kind}'")

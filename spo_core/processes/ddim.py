@@ -94,5 +94,10 @@ class DDIMProcess:
         a = bcast(a.reshape(-1).to(wd), x)
         return (x.to(wd) - (1 - a).sqrt() * eps.to(wd)) / a.sqrt()
 
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network regresses on ``add_noise(x0, noise, t)``: the noise (epsilon prediction)."""
+        return noise
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, torch.as_tensor(t, device=x0.device).long())

@@ -119,6 +119,11 @@ class FlowProcess:
         t = torch.as_tensor(t, device=x.device, dtype=wd).reshape(-1).expand(x.shape[0])
         return x0_from_velocity(x.to(wd), v.to(wd), t)
 
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network regresses on ``add_noise(x0, noise, t)``: the velocity ``eps - x0``."""
+        return noise - x0
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x0.device, dtype=x0.dtype).reshape(-1).expand(x0.shape[0])
         return forward_noise(x0, noise, t)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from ..data.pickapic import write_preference_dataset
-from ..models.diffusion import load_policy
+from ..models.diffusion import load_policy, pipeline_kind
 from ..toyworld.config import ToyPrefsConfig
 from ..toyworld.dataset import build_pairs, pair_statistics
 from ..toyworld.world import load_world
@@ -38,7 +38,7 @@ def run(cfg: ToyPrefsConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     world = load_world(cfg.world_dir)
-    policy = load_policy(ModelConfig(pretrained=cfg.base_dir, kind="sd15"))
+    policy = load_policy(ModelConfig(pretrained=cfg.base_dir, kind=pipeline_kind(cfg.base_dir)))
     metrics: dict = {}
     with atomic_dir(cfg.output_dir) as tmp:
         splits = (

@@ -1,6 +1,7 @@
 """Stage ``toy_pretrain``: train the toy base model (``python -m spo_core.stages.toy_pretrain``).
 
-Writes a diffusers pipeline directory (load it with ``load_policy(ModelConfig(pretrained=DIR))``)
+Writes a diffusers pipeline directory (load it with ``load_policy(ModelConfig(pretrained=DIR, kind=...))``,
+kind ``sd15`` or ``sd3`` as trained)
 plus ``loss.csv`` and ``samples.png`` (held-out prompts: renderer image, then base samples).
 """
 
@@ -14,7 +15,7 @@ import torch
 from .. import tracking
 from ..toyworld.compare import model_vs_renderer, sample_grid
 from ..toyworld.config import ToyPretrainConfig
-from ..toyworld.pretrain import train_base
+from ..toyworld.pretrain import train_base, trained_modules
 from ..toyworld.world import load_world
 from ..utils import atomic_dir, staged
 from .common import stage_main
@@ -38,9 +39,9 @@ def run(cfg: ToyPretrainConfig) -> dict:
         "resumed_from_step": result.start_step,
         "final_loss": result.losses[-1][1] if result.losses else float("nan"),
         "s_per_step": result.train_seconds / max(result.steps_run, 1),
-        "unet_parameters": sum(p.numel() for p in policy.unet.parameters()),
-        "text_encoder_parameters": sum(p.numel() for p in policy.text_encoder.parameters()),
     }
+    for name, module in trained_modules(policy).items():  # unet or transformer, then the text encoder(s)
+        metrics[f"{name}_parameters"] = sum(p.numel() for p in module.parameters())
     with torch.no_grad():
         grid = sample_grid(policy, world.validation_prompts[: cfg.grid_prompts], wcfg, cfg.sampler, seed=cfg.seed)
         held = world.validation_prompts[: cfg.eval_prompts]

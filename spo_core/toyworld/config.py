@@ -163,6 +163,27 @@ class UNetArch(Strict):
         return self
 
 
+class TransformerArch(Strict):
+    """The flow toy base (``kind: sd3``): an ``SD3Transformer2DModel`` on pixel-unshuffled latents with two
+    CLIP text encoders (SD3's CLIP-L and CLIP-G) and no T5 (its tokens are zeros, as in diffusers)."""
+
+    num_layers: int = Field(default=4, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    attention_head_dim: int = Field(default=16, ge=4)
+    patch_size: int = Field(default=2, ge=1)
+    latent_factor: Literal[1, 2] = 2  # PixelShuffleLatentMap factor, as UNetArch's
+    text_hidden: int = Field(default=64, ge=8)  # each CLIP encoder's width (and projection)
+    text_layers: int = Field(default=2, ge=2)  # SD3 reads the penultimate layer: at least 2
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5's MMDiT-X layers (none: SD3's layout)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TransformerArch":
+        if any(i >= self.num_layers for i in self.dual_attention_layers):
+            raise ValueError(f"dual_attention_layers {self.dual_attention_layers} must index layers below "
+                             f"num_layers={self.num_layers}")
+        return self
+
+
 class CaptionNoise(Strict):
     """Share of training captions that do not match their image (the base follows prompts only partly)."""
 
@@ -180,7 +201,10 @@ class SampleConfig(Strict):
 
 
 class ToyPretrainConfig(ToyStage):
-    """Stage ``toy_pretrain``: the tiny SD-architecture base model trained on rendered images."""
+    """Stage ``toy_pretrain``: the tiny SD-architecture base model trained on rendered images.
+
+    ``kind: sd15`` trains a UNet with the epsilon objective on SD-1.5's DDPM schedule (``arch``);
+    ``kind: sd3`` trains an SD3 transformer with the rectified-flow objective (``transformer``)."""
 
     world_dir: str = "artifacts/toy/world"
     output_dir: str = "artifacts/toy/base"
@@ -200,7 +224,14 @@ class ToyPretrainConfig(ToyStage):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=25, ge=1)
-    arch: UNetArch = UNetArch()
+    kind: Literal["sd15", "sd3"] = "sd15"
+    arch: UNetArch = UNetArch()  # kind sd15
+    transformer: TransformerArch = TransformerArch()  # kind sd3
+    # kind sd3: the scheduler's static shift (SD3 uses 3.0 at 1024 px; 1.0 suits 32 px) and the
+    # logit-normal time sampling of SD3's training (t = sigmoid(N(mean, std))).
+    flow_shift: float = Field(default=1.0, gt=0)
+    logit_mean: float = 0.0
+    logit_std: float = Field(default=1.0, gt=0)
     captions: CaptionNoise = CaptionNoise()
     sampler: SampleConfig = SampleConfig()
     grid_prompts: int = Field(default=8, ge=1)  # held-out prompts in the sample grid

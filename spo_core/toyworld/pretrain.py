@@ -1,6 +1,9 @@
-"""Pretraining of the toy base model: epsilon loss on freshly rendered images with noisy captions.
+"""Pretraining of the toy base model on freshly rendered images with noisy captions.
 
-UNet and text encoder train jointly (AdamW) on rendered training scenes. Some captions are wrong on
+``kind: sd15``: the UNet and its text encoder learn the epsilon objective on SD-1.5's DDPM schedule.
+``kind: sd3``: the SD3 transformer and its two CLIP encoders learn the rectified-flow objective:
+x_t = (1 - t) x0 + t eps with t = sigmoid(N(logit_mean, logit_std)) (SD3's logit-normal sampling),
+and the transformer regresses the velocity eps - x0. Both train jointly (AdamW) on rendered scenes. Some captions are wrong on
 purpose (a wrong colour / shape / background) and some are empty (for classifier-free guidance),
 so the base model follows prompts only partly and preference optimisation has something to fix.
 Wrong captions never use a held-out colour x shape pair, so validation stays unseen.
@@ -28,9 +31,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import CheckpointStore
 from ..models.diffusion import DiffusionPolicy
+from ..models.flow_policy import FlowPolicy
 from .config import CaptionNoise, ToyPretrainConfig, WorldConfig
 from .grammar import Scene, format_prompt, parse_many
-from .models import build_base_policy
+from .models import build_toy_base
 from .render import render_batch
 from .world import LoadedWorld
 
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainResult:
-    policy: DiffusionPolicy
+    policy: DiffusionPolicy | FlowPolicy
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last entry)
     start_step: int = 0  # > 0 when resumed from a checkpoint
     train_seconds: float = 0.0  # wall time of the steps run in this call
@@ -86,26 +90,38 @@ def training_batch(step: int, cfg: ToyPretrainConfig, world: LoadedWorld, scenes
 
 FINGERPRINT_KEYS = {"seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "max_grad_norm",
                     "arch", "captions"}
+FLOW_FINGERPRINT_KEYS = {"kind", "transformer", "flow_shift", "logit_mean", "logit_std"}
 
 
 def run_config(cfg: ToyPretrainConfig, world: WorldConfig) -> dict:
     """Everything that shapes the trained weights; a checkpoint only resumes a matching run."""
-    return {"train": cfg.model_dump(mode="json", include=FINGERPRINT_KEYS), "world": world.model_dump(mode="json")}
+    keys = FINGERPRINT_KEYS | (FLOW_FINGERPRINT_KEYS if cfg.kind == "sd3" else set())
+    return {"train": cfg.model_dump(mode="json", include=keys), "world": world.model_dump(mode="json")}
 
 
-def save_checkpoint(store: CheckpointStore, policy: DiffusionPolicy, opt, sched, step: int, config: dict,
-                    losses: list[tuple[int, float]]) -> None:
-    store.save(step, {"unet": policy.unet.state_dict(), "text_encoder": policy.text_encoder.state_dict()},
+def trained_modules(policy: DiffusionPolicy | FlowPolicy) -> dict[str, torch.nn.Module]:
+    """The networks pretraining updates, by pipeline component name."""
+    if isinstance(policy, FlowPolicy):
+        return {"transformer": policy.transformer, "text_encoder": policy.text_encoder,
+                "text_encoder_2": policy.text_encoder_2}
+    return {"unet": policy.unet, "text_encoder": policy.text_encoder}
+
+
+def save_checkpoint(store: CheckpointStore, policy: DiffusionPolicy | FlowPolicy, opt, sched, step: int,
+                    config: dict, losses: list[tuple[int, float]]) -> None:
+    store.save(step, {name: m.state_dict() for name, m in trained_modules(policy).items()},
                {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, config, extra={"losses": losses})
 
 
-def load_checkpoint(store: CheckpointStore, policy: DiffusionPolicy, opt, sched, config: dict) -> tuple[int, list]:
+def load_checkpoint(store: CheckpointStore, policy: DiffusionPolicy | FlowPolicy, opt, sched,
+                    config: dict) -> tuple[int, list]:
     """Restore weights, optimiser and schedule from the latest checkpoint; returns (step, losses)."""
     ck = store.resume(config)
     if ck is None:
         return 0, []
-    policy.unet.load_state_dict(ck.tensors["unet"])
-    policy.text_encoder.load_state_dict(ck.tensors["text_encoder"], strict=False)  # position_ids is a buffer
+    for name, module in trained_modules(policy).items():
+        # strict=False for the text encoders' position_ids buffer
+        module.load_state_dict(ck.tensors[name], strict=name in ("unet", "transformer"))
     opt.load_state_dict(ck.state["optimizer"])
     sched.load_state_dict(ck.state["lr_scheduler"])
     return ck.step, [tuple(x) for x in ck.manifest["losses"]]
@@ -114,14 +130,31 @@ def load_checkpoint(store: CheckpointStore, policy: DiffusionPolicy, opt, sched,
 # ------------------------------------------------------------------------------ training
 
 
+def denoising_loss(policy: DiffusionPolicy | FlowPolicy, latents: torch.Tensor, captions: list[str],
+                   gen: torch.Generator, cfg: ToyPretrainConfig) -> torch.Tensor:
+    """The pretraining objective of the policy's family on clean ``latents`` (noise and times from ``gen``)."""
+    noise = torch.randn(latents.shape, generator=gen)
+    if isinstance(policy, FlowPolicy):
+        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(latents.shape[0], generator=gen))
+        hidden, pooled = policy.encode_text(captions)
+        pred = policy.velocity(policy.add_noise(latents, noise, t), t, hidden, pooled)
+        return F.mse_loss(pred, policy.process.target(latents, noise))
+    sched = policy.scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    ids = policy.tokenizer(captions, padding="max_length", max_length=policy.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+    pred = policy.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=policy.text_encoder(ids)[0]).sample
+    return F.mse_loss(pred, noise)
+
+
 def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
                on_log: Callable[[int, float], None] | None = None) -> PretrainResult:
     """Train (or resume) the base model; ``on_log(step, mean_loss)`` is called every ``log_every`` steps."""
     wcfg = world.config
-    policy = build_base_policy(cfg.arch, world.tokenizer(), wcfg.resolution, seed=cfg.seed)
-    unet, text = policy.unet, policy.text_encoder
-    params = [*unet.parameters(), *text.parameters()]
-    for m in (unet, text):
+    policy = build_toy_base(cfg, world.tokenizer(), wcfg.resolution)
+    modules = list(trained_modules(policy).values())
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
         m.requires_grad_(True).train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -137,20 +170,12 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
 
     scenes = parse_many(world.train_prompts, wcfg)
     held = set(world.heldout_pairs)
-    latent_map, noise_sched = policy.vae, policy.scheduler
-    n_train_t = noise_sched.config.num_train_timesteps
     window: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc="toy pretrain", initial=start, total=cfg.steps)
     for step in bar:
         images, captions, gen = training_batch(step, cfg, world, scenes, held)
-        latents = latent_map.encode_images(images)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, n_train_t, (latents.shape[0],), generator=gen)
-        ids = policy.tokenizer(captions, padding="max_length", max_length=policy.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
-        pred = unet(noise_sched.add_noise(latents, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = denoising_loss(policy, policy.encode_images(images), captions, gen, cfg)
         loss.backward()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -170,6 +195,6 @@ def train_base(cfg: ToyPretrainConfig, world: LoadedWorld,
             save_checkpoint(store, policy, opt, sched, done, config, losses)
     store.prune_other_runs()  # this configuration is complete: other configurations' checkpoints go
     seconds = time.perf_counter() - t0
-    for m in (unet, text):
+    for m in modules:
         m.requires_grad_(False).eval()
     return PretrainResult(policy=policy, losses=losses, start_step=start, train_seconds=seconds)
