@@ -1,18 +1,24 @@
 """One SPO round at the published sizes (random weights): peak memory, seconds, UNet evaluations.
 
-    python benchmarks/real_size.py --device cuda --model both --gradient-checkpointing both
+    python benchmarks/real_size.py --device cuda --model all --gradient-checkpointing both
     python benchmarks/real_size.py --device cpu --model both --resolution 128 --prompts 2 --k 2 --steps 4
+    python benchmarks/real_size.py --device cpu --model flow      # SD3.5-M and FLUX.1-dev (reduced, below)
 
 The policy is SD-1.5 or SDXL-base-1.0 built from the published configs
-(:mod:`spo_core.models.published`) and the scorer is the full-size step-aware preference model
+(:mod:`spo_core.models.published`), or SD3.5-Medium or FLUX.1-dev (:mod:`spo_core.models.published_flow`,
+``--model sd3|flux|flow``) on the flow SDE, and the scorer is the full-size step-aware preference model
 (PickScore's CLIP ViT-H/14 with adaLN-Zero time conditioning), so the scorer's memory and time
 count as they do in a real run. The round goes through the real trainer,
 ``spo_core.training.train_rounds`` with ``SPOMethod``. Random weights give random scores, so the
 pair filter is switched off (``sampler.threshold=0``) and every segment yields a pair.
 
-Settings not given on the command line come from ``spo_core/profiles/<sd15|sdxl>.yaml``
-(``train_spo``: the paper's settings) on CUDA; on CPU the defaults are reduced (128 px, 2 prompts,
-k=2, 4 steps, bf16). Each model is built once, runs every asked gradient-checkpointing setting, and
+Settings not given on the command line come from ``spo_core/profiles/<sd15|sdxl|sd35m|flux_dev>.yaml``
+(``train_spo``: the paper's settings; the flow profiles' SPO recipe) on CUDA; on CPU the defaults are
+reduced (128 px, 2 prompts, k=2, 4 steps, bf16), and for the flow models T5-XXL is left out (``--t5
+off``: zero T5 tokens, as diffusers runs SD3 without it; 4.7B parameters), the T5 length is 64
+tokens (``--max-sequence-length``) and the transformers keep a share of their blocks at full width
+(``--depth``: SD3.5-M 0.25 = 6 of 24 layers, FLUX.1 0.1 = 2 + 4 of 19 + 38 blocks; FLUX's 12B
+parameters do not fit in 24 GiB), so a round takes minutes, not hours, on 2 cores. Each model is built once, runs every asked gradient-checkpointing setting, and
 is freed before the next one; the scorer is built once and shared.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (reset between runs
@@ -46,6 +52,7 @@ from spo_core.config import LoraConfig, OptimConfig, SamplerConfig, SPOLossConfi
 from spo_core.methods.spo import SPOMethod  # noqa: E402
 from spo_core.models import published  # noqa: E402
 from spo_core.models.diffusion import DiffusionPolicy  # noqa: E402
+from spo_core.models.flow_policy import FlowPolicy  # noqa: E402
 from spo_core.training import train_rounds  # noqa: E402
 from spo_core.utils import DTYPES  # noqa: E402
 
@@ -68,6 +75,10 @@ PROMPTS = [
 # Reduced CPU defaults: a round of each model in a few minutes on 2 cores. With 4 steps every step
 # branches (kappa=750: the first step goes 751 -> 501); bf16 measured 1.8x faster than fp32 (AMX CPU).
 CPU_DEFAULTS = dict(resolution=128, prompts=2, k=2, steps=4, dtype="bfloat16", decode_batch_size=4)
+CPU_FLOW_DEPTH = {"sd3": 0.25, "flux": 0.1}  # share of the transformer's blocks on a CPU
+CPU_T5_TOKENS = 64  # the (zero) T5 tokens on a CPU; the pipelines' defaults are 256 (SD3) and 512 (FLUX.1)
+PROFILES = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd35m", "flux": "flux_dev"}
+FLOW = ("sd3", "flux")
 CUDA_DECODE_BATCH = 8
 
 
@@ -212,7 +223,7 @@ def has_field(cls, name: str) -> bool:
 
 
 def profile_section(kind: str) -> dict[str, Any]:
-    return read_profile(kind)["train_spo"]
+    return read_profile(PROFILES[kind])["train_spo"]
 
 
 def model_settings(kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -242,6 +253,10 @@ def model_settings(kind: str, args: argparse.Namespace, device: torch.device) ->
         decode_batch_size=args.decode_batch_size or (CPU_DEFAULTS["decode_batch_size"] if cpu else CUDA_DECODE_BATCH),
         sample_batch_size=args.sample_batch_size,
     )
+    if kind in FLOW:
+        s["t5"] = (args.t5 or ("off" if cpu else "on")) == "on"
+        s["depth"] = args.depth if args.depth is not None else (CPU_FLOW_DEPTH[kind] if cpu else 1.0)
+        s["max_sequence_length"] = args.max_sequence_length or (CPU_T5_TOKENS if cpu else None)
     return s
 
 
@@ -273,13 +288,13 @@ def build_configs(s: dict[str, Any], gc_on: bool, rounds: int, out_dir: str) -> 
 # ------------------------------------------------------------------------------------------ runs
 
 
-def reset_between_runs(policy: DiffusionPolicy) -> None:
-    """Undo what train_rounds left on the UNet (LoRA, accelerate's forward wrapper, checkpointing)
-    and accelerate's process-wide state, so the next run starts as the first did."""
+def reset_between_runs(policy: DiffusionPolicy | FlowPolicy) -> None:
+    """Undo what train_rounds left on the UNet / transformer (LoRA, accelerate's forward wrapper,
+    checkpointing) and accelerate's process-wide state, so the next run starts as the first did."""
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import extract_model_from_parallel
 
-    unet = policy.unet
+    unet = policy.denoiser
     extract_model_from_parallel(unet, keep_fp32_wrapper=False)  # restores the un-autocast forward
     if getattr(unet, "_hf_peft_config_loaded", False) or getattr(unet, "peft_config", None):
         unet.unload_lora()
@@ -292,7 +307,7 @@ def reset_between_runs(policy: DiffusionPolicy) -> None:
     GradientState._reset_state()
 
 
-def run_once(policy: DiffusionPolicy, scorer, s: dict[str, Any], gc_on: bool, rounds: int, device: torch.device,
+def run_once(policy: DiffusionPolicy | FlowPolicy, scorer, s: dict[str, Any], gc_on: bool, rounds: int, device: torch.device,
              rss: RssSampler) -> dict[str, Any]:
     rec: dict[str, Any] = dict(model=s["kind"], gradient_checkpointing=gc_on)
     meter = PhaseMeter(rss, device)
@@ -305,7 +320,7 @@ def run_once(policy: DiffusionPolicy, scorer, s: dict[str, Any], gc_on: bool, ro
                    gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
                    mixed_precision=train_cfg.mixed_precision)
         if not has_field(TrainConfig, "gradient_checkpointing") and gc_on:
-            policy.unet.enable_gradient_checkpointing()  # older trainers: no config field
+            policy.denoiser.enable_gradient_checkpointing()  # older trainers: no config field
         prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f", variation {i // len(PROMPTS)}")
                    for i in range(s["prompts"])]
         method = MeteredMethod(SPOMethod(sampler_cfg, loss_cfg, scorer), meter)
@@ -358,11 +373,19 @@ def run_once(policy: DiffusionPolicy, scorer, s: dict[str, Any], gc_on: bool, ro
     return rec
 
 
-def build_policy(s: dict[str, Any], device: torch.device, seed: int) -> tuple[DiffusionPolicy, dict[str, Any]]:
+def build_policy(s: dict[str, Any], device: torch.device, seed: int) -> tuple[DiffusionPolicy | FlowPolicy, dict]:
     dtype = DTYPES[s["dtype"]]
     t0 = time.perf_counter()
-    comps = published.build_published_components(s["kind"], dtype=dtype, device=device, seed=seed)
-    policy = DiffusionPolicy(kind=s["kind"], resolution=s["resolution"], **comps)
+    if s["kind"] in FLOW:
+        from spo_core.models.published_flow import build_published_flow_components
+
+        comps = build_published_flow_components(s["kind"], dtype=dtype, device=device, seed=seed, t5=s["t5"],
+                                                depth=s["depth"])
+        policy = FlowPolicy(kind=s["kind"], resolution=s["resolution"], max_sequence_length=s["max_sequence_length"],
+                            **comps)
+    else:
+        comps = published.build_published_components(s["kind"], dtype=dtype, device=device, seed=seed)
+        policy = DiffusionPolicy(kind=s["kind"], resolution=s["resolution"], **comps)
     policy.to(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -393,7 +416,8 @@ def fmt(rec: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=["sd15", "sdxl", "both"], default="both")
+    ap.add_argument("--model", choices=["sd15", "sdxl", "sd3", "flux", "both", "flow", "all"], default="both",
+                    help="sd3: SD3.5-Medium, flux: FLUX.1-dev; both: sd15 + sdxl, flow: sd3 + flux, all: the four")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (cuda: 512 / 1024, cpu: 128)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per round (cuda: 10 / 2, cpu: 2)")
@@ -412,6 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--scorer-dtype", choices=sorted(DTYPES), default=None,
                     help="the preference model's dtype (default float32, as the step_aware scorer; cpu: bfloat16 "
                          "when the scorer supports it)")
+    ap.add_argument("--t5", choices=["on", "off"], default=None,
+                    help="flow models: build T5-XXL (cuda: on; cpu: off, zero T5 tokens as diffusers without it)")
+    ap.add_argument("--depth", type=float, default=None,
+                    help="flow models: share of the transformer's blocks kept (cuda: 1; cpu: SD3.5-M 0.25, FLUX 0.1)")
+    ap.add_argument("--max-sequence-length", type=int, default=None,
+                    help="flow models: T5 tokens (cuda: the pipeline's 256 / 512; cpu: 64)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -426,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not torch.cuda.is_available():
             ap.error("--device cuda but torch sees no CUDA device")
         device = torch.device("cuda", torch.cuda.current_device())
-    kinds = ["sd15", "sdxl"] if args.model == "both" else [args.model]
+    kinds = {"both": ["sd15", "sdxl"], "flow": list(FLOW), "all": ["sd15", "sdxl", *FLOW]}.get(args.model, [args.model])
     gc_settings = {"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing]
     scorer_dtype = args.scorer_dtype or ("bfloat16" if device.type == "cpu" and published.scorer_dtype_supported()
                                          else "float32")

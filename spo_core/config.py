@@ -128,6 +128,16 @@ class RolloutConfig(SamplingConfig):
 
     OPERATIONAL = SamplingConfig.OPERATIONAL | {"decode_batch_size"}
 
+    @field_validator("eta")
+    @classmethod
+    def _noisy(cls, v: float) -> float:
+        # A trainer's log-probabilities need a noisy step: eta = 0 (DDIM's deterministic step, the
+        # flow ODE) has std 0, and the loss would be NaN.
+        if v <= 0:
+            raise ValueError("sampler.eta = 0 samples without noise (DDIM's deterministic step, the flow ODE): its "
+                             "steps have no log-probability to train on; use eta > 0 (DDIM: 1.0, the flow SDE: 0.7)")
+        return v
+
 
 class SamplerConfig(RolloutConfig):
     """The SPO step-wise branching sampler."""

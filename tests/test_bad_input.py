@@ -53,6 +53,16 @@ def test_unknown_profile_and_bad_values():
         load_spo_config("tiny", ["sampler.resampler=sometimes"])
 
 
+@pytest.mark.parametrize("stage", ["train_spo", "train_grpo"])
+def test_a_trainer_refuses_a_noiseless_sampler(tmp_path: Path, stage):
+    # eta = 0 (DDIM's deterministic step, the flow ODE) has no log-probability: training would be NaN
+    res = subprocess.run([sys.executable, "-m", f"spo_core.stages.{stage}", "--params", "toy_flow", "--set",
+                          "sampler.eta=0"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "sampler.eta" in res.stderr and "use eta > 0" in res.stderr
+    assert not (tmp_path / "metrics").exists()
+
+
 def test_stage_cli_rejects_bad_override_with_exit_2(tmp_path: Path):
     res = subprocess.run([sys.executable, "-m", "spo_core.stages.train_spo", "--params", "tiny", "--set", "lora.rank=0"],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ})

@@ -101,3 +101,24 @@ def test_bad_steps_are_refused():
     assert sde_noise_scale(torch.tensor([1.0]), 0.7, t_cap=0.9).item() == pytest.approx(0.7 * math.sqrt(1 / 0.1))
     with pytest.raises(ValueError, match="noise_level"):
         sde_noise_scale(torch.tensor([0.5]), -1.0)
+
+
+def test_the_training_targets_recover_x0_through_each_process():
+    # What each network regresses on add_noise(x0, noise, t): DDIM the noise, flow the velocity eps - x0;
+    # the process's x0 estimate from the exact target is x0 again.
+    from diffusers import DDIMScheduler
+
+    from spo_core.models.tiny import SD_SCHEDULER_CONFIG
+    from spo_core.processes.ddim import DDIMProcess
+    from spo_core.processes.flow import FlowProcess
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    flow = FlowProcess(lambda n: torch.linspace(1, 0, n + 1))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(flow.target(x0, eps), eps - x0)
+    assert torch.allclose(flow.x0(flow.add_noise(x0, eps, t), t, flow.target(x0, eps)), x0, atol=1e-5)
+    ddim = DDIMProcess(DDIMScheduler(**SD_SCHEDULER_CONFIG))
+    ts = torch.tensor([1, 500, 900])
+    assert torch.equal(ddim.target(x0, eps), eps)
+    assert torch.allclose(ddim.x0(ddim.add_noise(x0, eps, ts), ts, ddim.target(x0, eps)), x0, atol=1e-3)

@@ -50,7 +50,7 @@ def _dvc_stages() -> dict:
     return yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("profile", ["toy", "sd15", "sdxl", "sd35m", "flux_dev"])
+@pytest.mark.parametrize("profile", ["toy", "toy_flow", "micro_flow", "sd15", "sdxl", "sd35m", "flux_dev"])
 def test_dvc_yaml_runs_under_every_pipeline_profile(profile):
     # `spo params PROFILE > params.yaml && dvc repro` needs every stage's params section, and each
     # stage must write the very output path that dvc.yaml declares.

@@ -177,3 +177,87 @@ def test_toy_scorers_registered_and_scoring(pickscore_dir, world_dir):
         build_scorer("toy_pickscore")
     with pytest.raises(ValueError, match="bad options"):
         build_scorer("toy_reward", colour=1)
+
+
+# ------------------------------------------------------------------ the flow toy base (kind sd3)
+
+MICRO_TRANSFORMER = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, text_hidden=16, text_layers=2)
+
+
+def flow_cfg(root, world_dir, **kw) -> ToyPretrainConfig:
+    base = dict(kind="sd3", transformer=MICRO_TRANSFORMER, output_dir=str(root / "flow_base"),
+                checkpoint_dir=str(root / "ckpt_flow"), sampler=MICRO_SAMPLER.model_copy(update={"eta": 0.7}))
+    return pretrain_cfg(root, world_dir, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def flow_base_dir(root, world_dir):
+    metrics = execute("toy_pretrain", flow_cfg(root, world_dir), toy_pretrain.run)
+    assert metrics["steps_run"] == 4 and metrics["final_loss"] > 0
+    assert metrics["transformer_parameters"] > 0 and metrics["text_encoder_2_parameters"] > 0
+    return root / "flow_base"
+
+
+def test_flow_base_saves_as_an_sd3_pipeline_and_loads_with_its_t5_length(flow_base_dir, world_dir):
+    from spo_core.models.diffusion import pipeline_kind
+    from spo_core.models.flow_policy import FlowPolicy
+
+    assert pipeline_kind(flow_base_dir) == "sd3"
+    assert (flow_base_dir / "transformer/diffusion_pytorch_model.safetensors").exists()
+    policy = load_policy(ModelConfig(pretrained=str(flow_base_dir), kind="sd3"))
+    assert isinstance(policy, FlowPolicy)
+    # trained with one zero T5 token (no T5 encoder): loading keeps that length, not SD3's 256
+    assert policy.max_sequence_length == 1 and policy.text_encoder_3 is None
+    assert policy.resolution == 32 and policy.latent_shape == (12, 16, 16)
+    cond = policy.encode_prompts(load_world(world_dir).validation_prompts[:2])
+    assert cond.cond.shape[1] == policy.tokenizer.model_max_length + 1
+    v = policy.guided_velocity(torch.randn(2, *policy.latent_shape), torch.tensor(0.5), cond, 5.0)
+    assert v.shape == (2, 12, 16, 16) and torch.isfinite(v).all()
+
+
+def test_flow_pretraining_regresses_the_velocity(root, world_dir):
+    from spo_core.toyworld.models import build_toy_base
+    from spo_core.toyworld.pretrain import denoising_loss
+
+    cfg = flow_cfg(root, world_dir)
+    policy = build_toy_base(cfg, load_world(world_dir).tokenizer(), 32)
+    x0 = torch.rand(3, *policy.latent_shape) * 2 - 1
+    captions = ["a red circle", "", "a blue square"]
+    loss = denoising_loss(policy, x0, captions, torch.Generator().manual_seed(7), cfg)
+    # the same draws by hand: noise, then t = sigmoid(N(0, 1)); x_t = (1 - t) x0 + t eps; target eps - x0
+    gen = torch.Generator().manual_seed(7)
+    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.sigmoid(torch.randn(3, generator=gen))
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    hidden, pooled = policy.encode_text(captions)
+    expected = ((policy.velocity(x_t, t, hidden, pooled) - (eps - x0)) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_killed_flow_pretraining_resumes_to_identical_weights(root, world_dir):
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    resumable = flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_resume"))
+    with pytest.raises(Killed):
+        train_base(resumable, load_world(world_dir), on_log=kill_at_3)
+    resumed = train_base(resumable, load_world(world_dir))
+    assert resumed.start_step == 2
+    straight = train_base(flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_straight")),
+                          load_world(world_dir))
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        for a, b in zip(getattr(resumed.policy, name).state_dict().values(),
+                        getattr(straight.policy, name).state_dict().values()):
+            assert torch.equal(a, b), name
+    assert [loss for _, loss in resumed.losses] == [loss for _, loss in straight.losses]
+
+
+def test_flow_prefs_sample_the_flow_base(root, world_dir, flow_base_dir):
+    cfg = ToyPrefsConfig(world_dir=str(world_dir), base_dir=str(flow_base_dir), output_dir=str(root / "flow_prefs"),
+                         n_train_prompts=4, n_validation_prompts=4, sampler=MICRO_SAMPLER.model_copy(update={"eta": 0.7}))
+    metrics = execute("toy_prefs", cfg, toy_prefs.run)
+    assert metrics["train_pairs"] == 4 and metrics["validation_renderer_reward"] > metrics["validation_base_reward"]

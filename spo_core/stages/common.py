@@ -217,7 +217,8 @@ def stage_parser(stage: str, doc: str | None = None, section: str | None = None)
                                      description=(doc or "").strip() or f"Run the '{stage}' stage.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", "--config", dest="params", default=DEFAULT_PARAMS, metavar="FILE_OR_PROFILE",
-                        help="params file or profile name (toy, micro, tiny, sd15, sdxl); default params.yaml")
+                        help="params file or profile name (`spo profiles` lists them: toy, toy_flow, sd15, ...); "
+                             "default params.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a value of section '{section or stage}', e.g. --set train.rounds=3 (repeatable)")
     return parser

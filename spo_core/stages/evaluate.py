@@ -107,8 +107,12 @@ class EvaluateConfig(Strict):
 
 def describe(cfg: EvaluateConfig, n_prompts: int) -> str:
     s = cfg.sampler
+    if cfg.model.kind in ("sd3", "flux"):
+        how = f"flow {'ODE' if s.eta == 0 else 'SDE'} {s.num_steps} steps, guidance {s.guidance_scale:g}, noise level {s.eta:g}"
+    else:
+        how = f"DDIM {s.num_steps} steps, CFG {s.guidance_scale:g}, eta {s.eta:g}"
     return (f"{n_prompts} prompts ({cfg.prompts.source}{': ' + cfg.prompts.path if cfg.prompts.path else ''}) x "
-            f"{cfg.images_per_prompt} image(s), DDIM {s.num_steps} steps, CFG {s.guidance_scale:g}, eta {s.eta:g}; "
+            f"{cfg.images_per_prompt} image(s), {how}; "
             f"model {cfg.model.pretrained}; image (p, j) seed = {cfg.seed} + p * {cfg.images_per_prompt} + j for every model.")
 
 
