@@ -30,6 +30,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from .flow_policy import DEFAULT_T5_LENGTH
 from .published import CLIP_L_TEXT_CONFIG, OPENCLIP_BIGG_TEXT_CONFIG, _n_params, _tokenizers, construct
 from .tiny_flow import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 
@@ -60,7 +61,6 @@ T5_XXL_CONFIG: dict[str, Any] = dict(
     relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
 )
-T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
 
 
 def _check_kind(kind: str) -> None:
@@ -75,10 +75,10 @@ def transformer_config(kind: str, depth: float = 1.0) -> dict[str, Any]:
         raise ValueError(f"depth must lie in (0, 1], got {depth}")
     cfg = copy.deepcopy(SD35M_TRANSFORMER_CONFIG if kind == "sd3" else FLUX_DEV_TRANSFORMER_CONFIG)
     if depth < 1:
-        if kind == "sd3":
-            n = max(1, round(cfg["num_layers"] * depth))
-            cfg["num_layers"] = n
-            cfg["dual_attention_layers"] = tuple(i for i in cfg["dual_attention_layers"] if i < max(1, round(13 * depth)))
+        if kind == "sd3":  # the same share of the dual-attention layers, still the first ones
+            dual = max(1, round(len(cfg["dual_attention_layers"]) * depth))
+            cfg["num_layers"] = max(1, round(cfg["num_layers"] * depth))
+            cfg["dual_attention_layers"] = tuple(range(min(dual, cfg["num_layers"])))
         else:
             cfg["num_layers"] = max(1, round(cfg["num_layers"] * depth))
             cfg["num_single_layers"] = max(1, round(cfg["num_single_layers"] * depth))
@@ -131,7 +131,7 @@ def build_published_flow_components(kind: str, dtype: torch.dtype = torch.float3
     _check_kind(kind)
     tok, tok_2 = _tokenizers(tokenizer_dir, 2)
     t5_model = build_t5_xxl(dtype, device, seed + 4) if t5 else None
-    t5_tok = _t5_tokenizer(tokenizer_dir, T5_LENGTH[kind]) if t5 else None
+    t5_tok = _t5_tokenizer(tokenizer_dir, DEFAULT_T5_LENGTH[kind]) if t5 else None
     comps: dict[str, Any] = dict(
         transformer=build_transformer(kind, dtype, device, seed, depth),
         vae=build_flow_vae(kind, dtype, device, seed + 1),
