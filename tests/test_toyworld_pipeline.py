@@ -95,7 +95,8 @@ def test_pretrained_base_saves_and_loads(base_dir, world_dir):
     assert eps.shape == (2, 12, 16, 16) and torch.isfinite(eps).all()
 
 
-def test_killed_pretraining_resumes_to_identical_weights(root, world_dir):
+def killed_at_3_then_resumed(cfg: ToyPretrainConfig, world_dir):
+    """Pretraining killed after step 3 (checkpoint at 2), then run again with the same configuration."""
     class Killed(RuntimeError):
         pass
 
@@ -103,10 +104,14 @@ def test_killed_pretraining_resumes_to_identical_weights(root, world_dir):
         if step == 3:
             raise Killed
 
-    resumable = pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_resume"))
     with pytest.raises(Killed):
-        train_base(resumable, load_world(world_dir), on_log=kill_at_3)
-    resumed = train_base(resumable, load_world(world_dir))
+        train_base(cfg, load_world(world_dir), on_log=kill_at_3)
+    return train_base(cfg, load_world(world_dir))
+
+
+def test_killed_pretraining_resumes_to_identical_weights(root, world_dir):
+    resumed = killed_at_3_then_resumed(pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_resume")),
+                                       world_dir)
     assert resumed.start_step == 2 and resumed.steps_run == 2
     straight = train_base(pretrain_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_straight")), load_world(world_dir))
     for a, b in zip(resumed.policy.unet.state_dict().values(), straight.policy.unet.state_dict().values()):
@@ -235,17 +240,8 @@ def test_flow_pretraining_regresses_the_velocity(root, world_dir):
 
 
 def test_killed_flow_pretraining_resumes_to_identical_weights(root, world_dir):
-    class Killed(RuntimeError):
-        pass
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
-    resumable = flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_resume"))
-    with pytest.raises(Killed):
-        train_base(resumable, load_world(world_dir), on_log=kill_at_3)
-    resumed = train_base(resumable, load_world(world_dir))
+    resumed = killed_at_3_then_resumed(flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_resume")),
+                                       world_dir)
     assert resumed.start_step == 2
     straight = train_base(flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_straight")),
                           load_world(world_dir))
