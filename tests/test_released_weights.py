@@ -256,7 +256,9 @@ def test_kohya_sgm_lora_changes_the_unet_like_the_diffusers_lora(sdxl_loras):
     for source in (sgm_file, lora_dir):  # kohya SGM file and our diffusers-format directory
         policy = _tiny_sdxl()
         load_lora(policy, source)
-        torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-6)
+        # 1e-4: a reloaded LoRA sums in another order (7e-6 measured on an AMD EPYC, below 1e-6 on an
+        # Intel CPU); a wrong key mapping or scale moves the probe by more than 1e-2 (asserted above)
+        torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-4)
 
 
 def test_kohya_sgm_lora_loads_through_the_evaluate_config(sdxl_loras, tmp_path):
@@ -395,7 +397,7 @@ def test_hub_lora_ids_resolve_through_huggingface_hub(fake_hub, sdxl_loras, tmp_
         resolve_lora("owner/two-loras")
     policy = _tiny_sdxl()
     load_lora(policy, "owner/two-loras/b.safetensors")
-    torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-4)  # as above: summation order
     # spo generate --lora with a hub id: the same images as the local file.
     hub = _gen(tmp_path / "hub", "--lora", "owner/civitai-lora")
     local = _gen(tmp_path / "local", "--lora", str(sgm_file))
@@ -414,4 +416,4 @@ def test_saved_lora_with_non_attention_targets_reloads_whole(sdxl_loras):
     assert any(".conv1." in k for k in keys) and any(".attn1.to_q." in k for k in keys)
     policy = _tiny_sdxl()
     load_lora(policy, lora_dir)
-    torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_probe(policy), tuned, rtol=0, atol=1e-4)  # as above: summation order
