@@ -82,3 +82,22 @@ def test_each_method_learns_the_scorers_direction_on_the_flow_process(kind, meth
         diff = brightness(policy) - base
         z[name] = float(diff.mean()) / (float(diff.std()) / math.sqrt(n_eval))
     assert z["bright"] > 3 and z["dark"] < -3, z
+
+
+def test_the_training_monitor_samples_with_the_trainers_noise_level():
+    """The monitor draws with the sampler's eta: on the flow process that is the SDE's noise level (it
+    used sample_images' default 1.0, so a run trained and evaluated at 0.7 was monitored at 1.0)."""
+    from spo_core.config import MonitorConfig, PromptsConfig, ScorerConfig
+    from spo_core.stages.trainer_stage import make_monitor
+
+    policy = load_policy(ModelConfig(pretrained="tiny:sd3", kind="sd3", resolution=16))
+    mon = MonitorConfig(scorer=ScorerConfig(name="brightness"), prompts=PromptsConfig(prompts=PROMPTS), every=1)
+    seeds = [mon.seed + i for i in range(len(PROMPTS))]
+
+    def brightness(eta):
+        imgs = sample_images(policy, PROMPTS, seeds, num_steps=STEPS, guidance_scale=GUIDANCE, eta=eta)
+        return float(BrightnessScorer().score(imgs, PROMPTS).float().mean())
+
+    got = make_monitor(mon, RolloutConfig(num_steps=STEPS, eta=ETA, guidance_scale=GUIDANCE), "cpu")(0, policy)
+    assert abs(brightness(ETA) - brightness(1.0)) > 1e-4  # the two noise levels are told apart
+    assert got["monitor_brightness"] == pytest.approx(brightness(ETA), abs=1e-6)

@@ -141,7 +141,7 @@ def test_every_process_puts_policy_scorer_and_monitor_on_its_own_device(monkeypa
     monkeypatch.setattr(trainer_stage, "load_policy", lambda cfg, device: seen.setdefault("policy", device) and object())
     monkeypatch.setattr(trainer_stage, "build_scorer", lambda name, path, device, **o: seen.setdefault("scorer", device))
 
-    def monitor(mon, steps, g, device):
+    def monitor(mon, sampler, device):
         seen["monitor"] = device
         raise Stop
 

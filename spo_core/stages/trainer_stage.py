@@ -78,8 +78,10 @@ def sample_sheet(images, prompts: list[str], cols: int = 8):
     return image_grid(grid, None, prompts if rows == 1 else None, scale=max(1, 128 // max(imgs.shape[-1], 1)))
 
 
-def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, device):
-    """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured)."""
+def make_monitor(mon: MonitorConfig, sampler, device):
+    """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured), drawn
+    with the trainer's own sampler (steps, guidance and eta: on the flow process eta is the SDE's noise
+    level, so the monitor sees the samples that training and evaluation see)."""
     if mon.scorer is None or mon.prompts is None:
         return None
     scorer = build_scorer(mon.scorer.name, mon.scorer.path, device, **mon.scorer.options)
@@ -89,7 +91,8 @@ def make_monitor(mon: MonitorConfig, num_steps: int, guidance_scale: float, devi
     def callback(round_idx: int, policy: DiffusionPolicy, force: bool = False) -> dict[str, float]:
         if not force and round_idx % mon.every != mon.every - 1:
             return {}
-        imgs = sample_images(policy, prompts, seeds, num_steps=num_steps, guidance_scale=guidance_scale)
+        imgs = sample_images(policy, prompts, seeds, num_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
+                             eta=sampler.eta)
         # The same prompts and seeds every time: MLflow's image slider shows what training changed.
         tracking.log_image_at(sample_sheet(imgs, prompts), "monitor_samples", round_idx)
         return {f"monitor_{scorer.name}": float(scorer.score(imgs, prompts).float().mean())}
@@ -108,7 +111,7 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     scorer = build_scorer(cfg.scorer.name, cfg.scorer.path, device, **cfg.scorer.options) if needs_scorer else None
     method = make_method(policy, scorer)
     sampler = getattr(cfg, "sampler")
-    monitor = make_monitor(cfg.monitor, sampler.num_steps, sampler.guidance_scale, device)
+    monitor = make_monitor(cfg.monitor, sampler, device)
     start = monitor(-1, policy, force=True) if monitor is not None and not cfg.train.resume else {}
     res = train_rounds(policy, method, None if offline else prompts_from(cfg.prompts), cfg.lora, cfg.optim, cfg.train,
                        resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r),
