@@ -10,7 +10,7 @@ import logging
 from typing import Callable
 
 from .. import tracking
-from ..config import MonitorConfig, PromptsConfig, TrainerBaseConfig
+from ..config import MonitorConfig, PromptsConfig, SamplingConfig, TrainerBaseConfig
 from ..data.prompts import load_prompts
 from ..models.diffusion import DiffusionPolicy, load_policy
 from ..rollouts import sample_images
@@ -78,7 +78,7 @@ def sample_sheet(images, prompts: list[str], cols: int = 8):
     return image_grid(grid, None, prompts if rows == 1 else None, scale=max(1, 128 // max(imgs.shape[-1], 1)))
 
 
-def make_monitor(mon: MonitorConfig, sampler, device):
+def make_monitor(mon: MonitorConfig, sampler: SamplingConfig, device):
     """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured), drawn
     with the trainer's own sampler (steps, guidance and eta: on the flow process eta is the SDE's noise
     level, so the monitor sees the samples that training and evaluation see)."""
