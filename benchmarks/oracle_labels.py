@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SPO_METRICS_DIR"] = tmp  # not the clone's tracked metrics/
         cfg = config(args.params, args.rounds, tmp, args.overrides)
         out = run_training("oracle_labels", cfg, lambda policy, reward: SPOMethod(
             cfg.sampler, cfg.loss, OracleScorer(reward, args.labels)))
