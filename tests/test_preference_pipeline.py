@@ -37,7 +37,7 @@ from spo_core.preference.noisy_pairs import (
 )
 from spo_core.preference.tiny import save_tiny_clip
 from spo_core.preference.time_clip import TimeConditionedCLIP
-from spo_core.preference.train import load_inputs, pair_correct, pair_scores, run_train_pm
+from spo_core.preference.train import accuracy_stats, load_inputs, pair_correct, pair_scores, run_train_pm
 from spo_core.scorers.base import build_scorer
 
 
@@ -252,6 +252,29 @@ def test_training_beats_chance_on_an_easy_task(clip_dir, synthetic, tmp_path):
     assert all(metrics[f"n/t{t}"] == 50 for t in PAPER_EVAL_TIMESTEPS)
     table = (tmp_path / "pm" / "accuracy.md").read_text()
     assert "| agnostic |" in table and "t=951" in table
+    # The paired difference from plain, on the same 50 pairs, with its standard error and interval.
+    stats = json.loads((tmp_path / "pm" / "accuracy.json").read_text())
+    for t in PAPER_EVAL_TIMESTEPS:
+        a, p = stats["agnostic"][str(t)], stats["plain"][str(t)]
+        assert a["diff_vs_plain"] == pytest.approx(a["accuracy"] - p["accuracy"])
+        assert a["diff_ci_low"] < a["diff_vs_plain"] < a["diff_ci_high"] and 0 < a["diff_se"] < 0.2
+        assert metrics[f"se/agnostic/t{t}"] == pytest.approx(a["se"])
+        assert metrics[f"diff_vs_plain/agnostic/t{t}"] == pytest.approx(a["diff_vs_plain"])
+    assert "Paired difference from plain" in table and "Standard error" in table
+
+
+def test_accuracy_stats_match_closed_forms():
+    # 4 pairs at t = 0: plain right on 2, aware on 3 (one of them a tie scored 0.5).
+    plain, aware = [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.5]
+    st = accuracy_stats({"plain": {0: plain}, "aware": {0: aware}})
+    p, a = st["plain"][0], st["aware"][0]
+    assert p["accuracy"] == 0.5 and p["pairs"] == 4 and "diff_vs_plain" not in p
+    assert p["se"] == pytest.approx(np.std(plain, ddof=1) / 2)
+    d = np.subtract(aware, plain)  # [0, 1, 0, 0.5]
+    assert a["diff_vs_plain"] == pytest.approx(0.375)
+    assert a["diff_se"] == pytest.approx(np.std(d, ddof=1) / 2)
+    half = 3.182446305284263 * a["diff_se"]  # t_{0.975, 3}
+    assert a["diff_ci_low"] == pytest.approx(0.375 - half) and a["diff_ci_high"] == pytest.approx(0.375 + half)
 
 
 def test_step_aware_model_learns_a_time_dependent_preference(clip_dir, synthetic, tmp_path):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -28,6 +29,7 @@ from transformers import AutoTokenizer, CLIPConfig, get_scheduler
 from .. import tracking
 from ..losses import preference_loss
 from ..reporting import markdown_table, write_text_atomic
+from ..stats import paired_diff_ci
 from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
 from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
 from ..checkpoints import CheckpointStore, fingerprint
@@ -112,9 +114,11 @@ def pair_correct(s0: torch.Tensor, s1: torch.Tensor, labels: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: TimeConditionedCLIP, inputs: PMInputs, dataset: NoisyPairs, batch_size: int = 32,
-                      device: torch.device | str = "cpu") -> dict[int, tuple[float, int]]:
-    """Accuracy against the labels per timestep bucket: {t: (accuracy, decisive pairs)}. Ties are skipped."""
+def evaluate_correct(model: TimeConditionedCLIP, inputs: PMInputs, dataset: NoisyPairs, batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> dict[int, list[float]]:
+    """Per decisive held-out pair, in dataset order, whether the model ranks it right: {t: [1 / 0.5 / 0]}.
+
+    The order is the dataset's, so two models' lists pair up item by item (paired differences)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -130,7 +134,32 @@ def evaluate_accuracy(model: TimeConditionedCLIP, inputs: PMInputs, dataset: Noi
             if k:
                 correct.setdefault(int(t), []).append(ok)
     model.train(was_training)
-    return {t: (sum(v) / len(v), len(v)) for t, v in sorted(correct.items())}
+    return dict(sorted(correct.items()))
+
+
+def evaluate_accuracy(model: TimeConditionedCLIP, inputs: PMInputs, dataset: NoisyPairs, batch_size: int = 32,
+                      device: torch.device | str = "cpu") -> dict[int, tuple[float, int]]:
+    """Accuracy against the labels per timestep bucket: {t: (accuracy, decisive pairs)}. Ties are skipped."""
+    return {t: (sum(v) / len(v), len(v)) for t, v in evaluate_correct(model, inputs, dataset, batch_size, device).items()}
+
+
+def accuracy_stats(correct: dict[str, dict[int, list[float]]], reference: str = "plain") -> dict[str, dict[int, dict]]:
+    """Accuracy with its standard error per variant and timestep, and each variant's paired difference
+    from ``reference`` (same pairs) with a 95% t interval: {variant: {t: {accuracy, se, pairs, diff...}}}."""
+    out: dict[str, dict[int, dict]] = {}
+    for variant, by_t in correct.items():
+        out[variant] = {}
+        for t, ok in by_t.items():
+            arr = np.asarray(ok, dtype=float)
+            se = float(arr.std(ddof=1) / np.sqrt(arr.size)) if arr.size > 1 else float("nan")
+            row = {"accuracy": float(arr.mean()), "se": se, "pairs": int(arr.size)}
+            ref = correct.get(reference, {}).get(t)
+            if variant != reference and ref is not None and len(ref) == arr.size and arr.size > 1:
+                d, lo, hi = paired_diff_ci(arr, np.asarray(ref, dtype=float))
+                row.update({f"diff_vs_{reference}": d, "diff_ci_low": lo, "diff_ci_high": hi,
+                            "diff_se": float((arr - np.asarray(ref)).std(ddof=1) / np.sqrt(arr.size))})
+            out[variant][t] = row
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,17 +347,46 @@ def _train(cfg: TrainPMConfig, variant: str, inputs: PMInputs, train_set: NoisyP
 # The stage
 
 
-def accuracy_table(results: dict[str, dict[int, tuple[float, int]]]) -> pd.DataFrame:
-    """Rows: variants; columns: accuracy at each timestep bucket and their mean."""
-    ts = sorted({t for r in results.values() for t in r})
+def accuracy_table(stats: dict[str, dict[int, dict]], field: str = "accuracy") -> pd.DataFrame:
+    """Rows: variants; columns: ``field`` (accuracy, se, ...) at each timestep bucket, and the accuracy's mean."""
+    ts = sorted({t for r in stats.values() for t in r})
     rows = []
-    for variant, acc in results.items():
+    for variant, by_t in stats.items():
+        if field != "accuracy" and not any(field in by_t.get(t, {}) for t in ts):
+            continue
         row: dict[str, Any] = {"variant": variant}
         for t in ts:
-            row[f"t={t}"] = acc[t][0] if t in acc else float("nan")
-        row["mean"] = sum(a for a, _ in acc.values()) / len(acc) if acc else float("nan")
+            row[f"t={t}"] = by_t.get(t, {}).get(field, float("nan"))
+        if field == "accuracy":
+            row["mean"] = sum(r["accuracy"] for r in by_t.values()) / len(by_t) if by_t else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _diff_table(stats: dict[str, dict[int, dict]], reference: str = "plain") -> pd.DataFrame:
+    """Each variant minus ``reference`` on the same pairs: 'diff [low, high]' per timestep."""
+    ts = sorted({t for r in stats.values() for t in r})
+    rows = []
+    for variant, by_t in stats.items():
+        cells = {f"t={t}": (f"{by_t[t][f'diff_vs_{reference}']:+.3f} [{by_t[t]['diff_ci_low']:+.3f}, "
+                            f"{by_t[t]['diff_ci_high']:+.3f}]") for t in ts if f"diff_vs_{reference}" in by_t.get(t, {})}
+        if cells:
+            rows.append({"variant": variant, **cells})
+    return pd.DataFrame(rows)
+
+
+def accuracy_markdown(stats: dict[str, dict[int, dict]]) -> str:
+    counts = {t: r["pairs"] for by_t in stats.values() for t, r in by_t.items()}
+    md = ("Preference accuracy on held-out noisy pairs per timestep (paper Table 4 variants)\n\n"
+          + markdown_table(accuracy_table(stats), float_fmt="{:.3f}")
+          + "\n\nStandard error of each accuracy (over the held-out pairs)\n\n"
+          + markdown_table(accuracy_table(stats, "se"), float_fmt="{:.3f}"))
+    diffs = _diff_table(stats)
+    if len(diffs):
+        md += ("\n\nPaired difference from plain on the same pairs, with its 95% t interval\n\n"
+               + markdown_table(diffs))
+    return md + "\n\nHeld-out decisive pairs per timestep: " + ", ".join(
+        f"t={t}: {n}" for t, n in sorted(counts.items())) + "\n"
 
 
 def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
@@ -347,7 +405,7 @@ def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
     clip_config = load_pretrained(CLIPConfig.from_pretrained, cfg.base, "CLIP config")
     inputs = load_inputs(cfg.base, cfg.processor, clip_config.text_config.max_position_embeddings)
     metrics: dict[str, float] = {"train_pairs": len(train_set)}
-    results: dict[str, dict[int, tuple[float, int]]] = {}
+    correct: dict[str, dict[int, list[float]]] = {}
     for variant in cfg.variants:
         if variant == "plain":
             model = TimeConditionedCLIP.from_clip(cfg.base, time_conditioned=False)
@@ -357,23 +415,24 @@ def run_train_pm(cfg: TrainPMConfig) -> dict[str, float]:
             model = TimeConditionedCLIP.from_pretrained(out / variant)
         if eval_set is not None and accelerator.is_main_process:
             t0 = time.perf_counter()
-            results[variant] = evaluate_accuracy(model.to(device), inputs, eval_set, cfg.eval_batch_size, device)
+            correct[variant] = evaluate_correct(model.to(device), inputs, eval_set, cfg.eval_batch_size, device)
             metrics[f"eval_s/{variant}"] = round(time.perf_counter() - t0, 3)
-            for t, (acc, n) in results[variant].items():
-                metrics[f"acc/{variant}/t{t}"] = acc
-                metrics[f"n/t{t}"] = n
-            metrics[f"acc/{variant}/mean"] = sum(a for a, _ in results[variant].values()) / max(len(results[variant]), 1)
-    if results:
-        table = accuracy_table(results)
-        counts = {t: n for r in results.values() for t, (_, n) in r.items()}
-        md = ("Preference accuracy on held-out noisy pairs per timestep (paper Table 4 variants)\n\n"
-              + markdown_table(table, float_fmt="{:.3f}") + "\n\nHeld-out decisive pairs per timestep: "
-              + ", ".join(f"t={t}: {n}" for t, n in sorted(counts.items())) + "\n")
+    if correct:
+        results = accuracy_stats(correct)
+        for variant, by_t in results.items():
+            for t, r in by_t.items():
+                metrics[f"acc/{variant}/t{t}"] = r["accuracy"]
+                metrics[f"se/{variant}/t{t}"] = r["se"]
+                metrics[f"n/t{t}"] = r["pairs"]
+                if "diff_vs_plain" in r:
+                    metrics[f"diff_vs_plain/{variant}/t{t}"] = r["diff_vs_plain"]
+                    metrics[f"diff_se_vs_plain/{variant}/t{t}"] = r["diff_se"]
+            metrics[f"acc/{variant}/mean"] = sum(r["accuracy"] for r in by_t.values()) / max(len(by_t), 1)
+        md = accuracy_markdown(results)
         write_text_atomic(md, out / "accuracy.md")
         with atomic_file(out / "accuracy.json", "w") as fh:
-            json.dump({v: {str(t): {"accuracy": a, "pairs": n} for t, (a, n) in r.items()} for v, r in results.items()},
-                      fh, indent=2)
-        tracking.log_table(table, "pm_accuracy")
+            json.dump({v: {str(t): r for t, r in by_t.items()} for v, by_t in results.items()}, fh, indent=2)
+        tracking.log_table(accuracy_table(results), "pm_accuracy")
         tracking.log_artifact(staged(out / "accuracy.md"))
         log.info("preference accuracy:\n%s", md)
     return metrics
