@@ -402,3 +402,28 @@ def test_path_digest_follows_the_weights(tmp_path):
         data[offset] ^= 1
         weights.write_bytes(bytes(data))
     assert path_digest(str(folder)) == first
+
+
+def test_grid_reference_opens_each_row_with_the_renderer_image(tmp_path):
+    from spo_core.stages import toy_world
+    from spo_core.toyworld.config import ToyWorldConfig
+    from spo_core.toyworld.rater import rate_prompts
+    from spo_core.toyworld.render import render_prompts
+    from spo_core.toyworld.world import load_world
+
+    world_dir = tmp_path / "world"
+    toy_world.run(ToyWorldConfig(output_dir=str(world_dir)))
+    world = load_world(world_dir)
+    prompts = world.validation_prompts[:2]
+    tiles = {"base": torch.zeros(2, 3, 32, 32), "spo": torch.ones(2, 3, 32, 32)}
+    out = stage.with_reference(tiles, prompts, str(world_dir), seed=3)
+    assert list(out) == ["renderer", "base", "spo"] and out["base"] is tiles["base"]
+    assert torch.equal(out["renderer"], render_prompts(prompts, 32, 3, world.config))
+    assert rate_prompts(out["renderer"], prompts, world.config)["reward"].min() > 0.9  # the ideal answer
+    grid = comparison_grid(out, prompts, image_size=32)
+    assert grid.size == (grid_layout(2, 3, 32, 32, prompts, list(out)).width,
+                         grid_layout(2, 3, 32, 32, prompts, list(out)).height)
+    assert stage.with_reference(tiles, prompts, None, seed=3) is tiles
+    with pytest.raises(ValidationError, match="renderer"):
+        stage.EvaluateConfig(model=ModelConfig(pretrained="x"), prompts={"source": "text", "path": "p.txt"},
+                             scorers=[{"name": "toy_reward", "path": "w"}], loras={"renderer": "lora"})

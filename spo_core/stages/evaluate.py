@@ -17,6 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from .. import tracking
@@ -44,11 +45,14 @@ from ..evaluation import (
 )
 from ..models.diffusion import load_policy
 from ..scorers.base import build_scorer
+from ..toyworld.render import render_prompts
+from ..toyworld.world import load_world
 from ..utils import atomic_dir, resolve_device, seed_everything, staged
 from .common import stage_main
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
+REFERENCE_COLUMN = "renderer"  # the grid column of grid_reference
 
 
 def headline(cfg: "EvaluateConfig") -> list[str]:
@@ -80,6 +84,9 @@ class EvaluateConfig(Strict):
     quantize: bool = True  # score 8-bit images, as scoring the saved PNG files would
     grid_prompts: int = Field(default=8, ge=0)  # 0: no grid
     grid_image_size: int | None = Field(default=256, ge=8)  # tile side in grid.png; None: native size
+    # A toy world directory: grid.png then opens each row with the world's renderer image of its prompt
+    # (the ideal answer, column "renderer"), so a viewer sees what each model gets right. None: no column.
+    grid_reference: str | None = None
     save_images: bool = False  # also write every image to output_dir/images/<model>/
     # The stage evaluate_base's folder: the base's results are reused from there while their settings
     # match (a retrained LoRA is evaluated without regenerating the base). None: evaluate the base here.
@@ -92,8 +99,8 @@ class EvaluateConfig(Strict):
     def _lora_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
             check_name(name, "LoRA name")
-            if name == BASE:
-                raise ValueError(f"a LoRA may not be named '{BASE}' (the model without LoRA): rename it")
+            if name in (BASE, REFERENCE_COLUMN):
+                raise ValueError(f"a LoRA may not be named '{name}' (a column of the evaluation): rename it")
         return v
 
     @model_validator(mode="after")
@@ -103,6 +110,17 @@ class EvaluateConfig(Strict):
         if dup:
             raise ValueError(f"scorers {dup} appear more than once: give each a distinct 'label'")
         return self
+
+
+def with_reference(grid_images: dict[str, torch.Tensor], prompts: list[str], world_dir: str | None,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """The grid's tiles with the toy renderer's image of each prompt as the first column."""
+    if not world_dir or not grid_images:
+        return grid_images
+    world = load_world(world_dir)
+    side = next(iter(grid_images.values())).shape[-1]
+    ref = render_prompts(list(prompts), side, seed, world.config)
+    return {REFERENCE_COLUMN: ref, **grid_images}
 
 
 def describe(cfg: EvaluateConfig, n_prompts: int) -> str:
@@ -184,7 +202,8 @@ def run(cfg: EvaluateConfig) -> dict:
         comparisons = compare_to_base(res.scores, res.scorer_columns, level=cfg.level, n_boot=cfg.n_boot,
                                       seed=cfg.bootstrap_seed)
         table = report_markdown(summary, comparisons, describe(cfg, len(prompts)), cfg.level)
-        grid = comparison_grid(res.grid_images, res.grid_prompts, cfg.grid_image_size) if res.grid_images else None
+        tiles = with_reference(res.grid_images, res.grid_prompts, cfg.grid_reference, cfg.seed)
+        grid = comparison_grid(tiles, res.grid_prompts, cfg.grid_image_size) if tiles else None
         written = write_outputs(tmp, res.scores, summary, comparisons, table, grid)
     out_dir = Path(cfg.output_dir)
     files = [staged(out_dir) / p.relative_to(tmp) for p in written.values()]  # in place once the stage commits

@@ -33,9 +33,10 @@ HEADLINE = ["base/*/mean", "num_prompts"]
 class EvaluateBaseConfig(EvaluateConfig):
     """Section ``evaluate``, as the base-only stage reads it: it writes ``base_dir``."""
 
-    # The LoRAs, the comparison's bootstrap and the grid's tile size never change this stage's results.
+    # The LoRAs, the comparison's bootstrap and the grid's tile size and reference column never change
+    # this stage's results.
     OPERATIONAL: ClassVar[frozenset[str]] = EvaluateConfig.OPERATIONAL | {
-        "base_dir", "loras", "lora_scale", "n_boot", "bootstrap_seed", "grid_image_size"}
+        "base_dir", "loras", "lora_scale", "n_boot", "bootstrap_seed", "grid_image_size", "grid_reference"}
     OUTPUT_FIELD: ClassVar[str] = "base_dir"
 
     @model_validator(mode="after")
