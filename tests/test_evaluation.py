@@ -416,7 +416,7 @@ def test_grid_reference_opens_each_row_with_the_renderer_image(tmp_path):
     world = load_world(world_dir)
     prompts = world.validation_prompts[:2]
     tiles = {"base": torch.zeros(2, 3, 32, 32), "spo": torch.ones(2, 3, 32, 32)}
-    out = stage.with_reference(tiles, prompts, str(world_dir), seed=3)
+    out = stage.with_reference(tiles, prompts, world, seed=3)
     assert list(out) == ["renderer", "base", "spo"] and out["base"] is tiles["base"]
     assert torch.equal(out["renderer"], render_prompts(prompts, 32, 3, world.config))
     assert rate_prompts(out["renderer"], prompts, world.config)["reward"].min() > 0.9  # the ideal answer

@@ -46,7 +46,7 @@ from ..evaluation import (
 from ..models.diffusion import load_policy
 from ..scorers.base import build_scorer
 from ..toyworld.render import render_prompts
-from ..toyworld.world import load_world
+from ..toyworld.world import LoadedWorld, load_world
 from ..utils import atomic_dir, resolve_device, seed_everything, staged
 from .common import stage_main
 
@@ -112,12 +112,11 @@ class EvaluateConfig(Strict):
         return self
 
 
-def with_reference(grid_images: dict[str, torch.Tensor], prompts: list[str], world_dir: str | None,
+def with_reference(grid_images: dict[str, torch.Tensor], prompts: list[str], world: LoadedWorld | None,
                    seed: int) -> dict[str, torch.Tensor]:
     """The grid's tiles with the toy renderer's image of each prompt as the first column."""
-    if not world_dir or not grid_images:
+    if world is None or not grid_images:
         return grid_images
-    world = load_world(world_dir)
     side = next(iter(grid_images.values())).shape[-1]
     ref = render_prompts(list(prompts), side, seed, world.config)
     return {REFERENCE_COLUMN: ref, **grid_images}
@@ -188,6 +187,8 @@ def run(cfg: EvaluateConfig) -> dict:
     models = model_specs(cfg.loras, cfg.lora_scale)  # fails early on a missing LoRA
     prompts = eval_prompts(cfg)
     base = kept_base(cfg, prompts)
+    # Read before generating: a wrong grid_reference fails now, not after the whole evaluation.
+    world = load_world(cfg.grid_reference) if cfg.grid_reference and cfg.grid_prompts else None
     if base is not None:
         models = [m for m in models if m.name != BASE]
 
@@ -202,7 +203,7 @@ def run(cfg: EvaluateConfig) -> dict:
         comparisons = compare_to_base(res.scores, res.scorer_columns, level=cfg.level, n_boot=cfg.n_boot,
                                       seed=cfg.bootstrap_seed)
         table = report_markdown(summary, comparisons, describe(cfg, len(prompts)), cfg.level)
-        tiles = with_reference(res.grid_images, res.grid_prompts, cfg.grid_reference, cfg.seed)
+        tiles = with_reference(res.grid_images, res.grid_prompts, world, cfg.seed)
         grid = comparison_grid(tiles, res.grid_prompts, cfg.grid_image_size) if tiles else None
         written = write_outputs(tmp, res.scores, summary, comparisons, table, grid)
     out_dir = Path(cfg.output_dir)
