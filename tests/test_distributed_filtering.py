@@ -126,7 +126,9 @@ def test_two_processes_keeping_different_pair_counts_match_one(kind: str, tmp_pa
         assert a["optimizer_steps"] == b["optimizer_steps"]
         assert a["keep_fraction"] == pytest.approx(b["keep_fraction"])
         if "loss" in a:
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            # float32 sums in another order on 2 processes: 1.8e-6 measured on an AMD EPYC after two
+            # rounds (the LoRA below is held to the same 1e-5).
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     one = load_file(str(tmp_path / "one/lora/pytorch_lora_weights.safetensors"))
     two = load_file(str(tmp_path / "two/lora/pytorch_lora_weights.safetensors"))
     assert one.keys() == two.keys()
