@@ -25,7 +25,6 @@ images are kept), so 500 prompts of SDXL cost no more memory than one batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -342,29 +341,6 @@ def merge_runs(first: EvaluationRun, second: EvaluationRun | None) -> Evaluation
 # The base model's results, kept for reuse (stage evaluate_base)
 
 BASE_FILES = {"scores": "scores.parquet", "grid": "grid_tiles.safetensors", "settings": "settings.json"}
-_EDGE_BYTES = 1 << 20
-
-
-def path_digest(path: str | None) -> str | None:
-    """A short fingerprint of a local file or folder (sizes plus the first and last MiB of each file:
-    cheap on multi-GB weights, and any retraining changes them); a hub id or None as it is."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if not p.exists():
-        return str(path)
-    h = hashlib.blake2b(digest_size=16)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p) if f != p else f.name}\0{size}\0".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(_EDGE_BYTES))
-            if size > 2 * _EDGE_BYTES:
-                fh.seek(-_EDGE_BYTES, 2)
-                h.update(fh.read(_EDGE_BYTES))
-    return h.hexdigest()
 
 
 def write_base_results(out_dir: str | Path, run: EvaluationRun, settings: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import glob
+import hashlib
 import os
 import random
 import shutil
@@ -234,3 +235,28 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_EDGE_BYTES = 1 << 20
+
+
+def path_digest(path: str | None) -> str | None:
+    """A short fingerprint of a local file or folder (sizes plus the first and last MiB of each file:
+    cheap on multi-GB weights, and any retraining changes them); a hub id or None as it is."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(_EDGE_BYTES))
+            if size > 2 * _EDGE_BYTES:
+                fh.seek(-_EDGE_BYTES, 2)
+                h.update(fh.read(_EDGE_BYTES))
+    return h.hexdigest()

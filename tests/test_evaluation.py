@@ -386,7 +386,7 @@ def test_evaluate_reuses_the_base_results_of_evaluate_base(loras, tmp_path, monk
 
 
 def test_path_digest_follows_the_weights(tmp_path):
-    from spo_core.evaluation import path_digest
+    from spo_core.utils import path_digest
 
     folder = tmp_path / "model"
     folder.mkdir()

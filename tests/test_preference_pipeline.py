@@ -7,6 +7,7 @@ The real path (PickScore_v1 judging SD-1.5 x0 estimates) runs here on a tiny ran
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -314,6 +315,23 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
     assert other["resumed_from/aware"] == 0 and other["steps/aware"] == 4
     left = [p.name for p in (tmp_path / "pm" / "checkpoints" / "aware").iterdir()]
     assert len(left) == 1 and left != [fp_dir.name]
+
+
+def test_a_retrained_base_at_the_same_path_is_not_resumed(tmp_path):
+    # The toy PickScore retrained in place (a DVC experiment changing its params) must not let the
+    # finished step-aware model, or a checkpoint of it, trained from the old base be reused.
+    base = save_tiny_clip(tmp_path / "base", image_size=16, patch_size=4, seed=0)
+    data = tmp_path / "data"
+    _synthetic_set(data / "train", 24, lambda n, g: torch.randint(0, 1000, (n,), generator=g), 0)
+    cfg = _cfg(base, data, tmp_path / "pm", variants=["aware"], max_steps=4, checkpoint_every=2, batch_size=8)
+    first = run_train_pm(cfg)
+    assert first["steps/aware"] == 4
+    save_tiny_clip(base, image_size=16, patch_size=4, seed=1)  # same path, other weights
+    again = run_train_pm(cfg)
+    assert again["resumed_from/aware"] == 0 and again["train_s/aware"] > 0
+    shutil.rmtree(tmp_path / "pm" / "aware")  # a crash: only checkpoints of the new base may resume
+    save_tiny_clip(base, image_size=16, patch_size=4, seed=2)
+    assert run_train_pm(cfg)["resumed_from/aware"] == 0
 
 
 # ------------------------------------------------------------------------------ stages end to end

@@ -34,7 +34,7 @@ from ..scorers.pickscore import PICKSCORE_PROCESSOR_ID
 from ..scorers.preprocess import ScorerLoadError, clip_preprocess, load_pretrained, looks_like_hub_id, read_clip_image_config
 from ..checkpoints import CheckpointStore, fingerprint
 from ..config import BudgetError
-from ..utils import atomic_dir, atomic_file, resolve_device, staged
+from ..utils import atomic_dir, atomic_file, path_digest, resolve_device, staged
 from .config import TrainPMConfig
 from .noisy_pairs import NoisyPairs, OnTheFlyPairs, open_pairs
 from .time_clip import TimeConditionedCLIP, write_processor
@@ -187,7 +187,8 @@ def _run_config(cfg: TrainPMConfig, variant: str, train_set: NoisyPairs) -> dict
     """Everything that changes the trained weights; logging/eval/checkpoint cadence does not."""
     keys = ("base", "optim", "lr_scheduler", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_steps",
             "mixed_precision", "seed")
-    return {"variant": variant, **cfg.model_dump(mode="json", include=set(keys)),
+    # The base's content, not only its path: a base retrained in place must not resume old weights.
+    return {"variant": variant, **cfg.model_dump(mode="json", include=set(keys)), "base_weights": path_digest(cfg.base),
             "data": train_set.manifest["fingerprint"], "pairs": len(train_set)}
 
 

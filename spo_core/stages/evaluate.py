@@ -37,7 +37,6 @@ from ..evaluation import (
     flat_metrics,
     merge_runs,
     model_specs,
-    path_digest,
     read_base_results,
     report_markdown,
     summarize,
@@ -47,7 +46,7 @@ from ..models.diffusion import load_policy
 from ..scorers.base import build_scorer
 from ..toyworld.render import render_prompts
 from ..toyworld.world import LoadedWorld, load_world
-from ..utils import atomic_dir, resolve_device, seed_everything, staged
+from ..utils import atomic_dir, path_digest, resolve_device, seed_everything, staged
 from .common import stage_main
 
 log = logging.getLogger(__name__)
