@@ -298,8 +298,6 @@ def test_resume_reproduces_an_uninterrupted_run(clip_dir, tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     straight = TimeConditionedCLIP.from_pretrained(tmp_path / "pm" / "aware").state_dict()
     # Simulate a crash after step 2: the last checkpoint and the output are gone.
-    import shutil
-
     shutil.rmtree(ckpts / "step-000004")
     shutil.rmtree(tmp_path / "pm" / "aware")
     metrics = run_train_pm(cfg)
