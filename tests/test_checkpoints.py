@@ -114,3 +114,26 @@ def test_stores_keyed_by_configuration_resume_their_own_and_prune_the_others(tmp
     assert sorted(p.name for p in store_b.prune_other_runs()) == sorted([store_a.root.name, "step-000005"])
     assert sorted(p.name for p in root.iterdir()) == sorted([store_b.root.name, "notes"])
     assert store_b.resume(b).step == 1
+
+
+def test_train_spo_resume_refuses_a_base_model_retrained_at_the_same_path(tmp_path, monkeypatch):
+    """`--resume` compares the contents of the files a run trains from, not only their paths."""
+    from spo_core.config import load_spo_config
+    from spo_core.stages import train_spo
+
+    monkeypatch.setenv("SPO_METRICS_DIR", str(tmp_path / "metrics"))
+    base = tmp_path / "base"
+    load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16)).save_pretrained(base)
+    common = ["train.prompts_per_round=2", "train.train_batch_size=4", "sampler.num_steps=4", "sampler.k=2",
+              "sampler.threshold=0.0", "train.checkpoint_every=1", f"train.output_dir={tmp_path / 'spo'}",
+              f"model.pretrained={base}", "model.resolution=16", "monitor.scorer=null", "train.export_kohya=false"]
+    train_spo.run(load_spo_config("tiny", common + ["train.rounds=1"]))
+    resumed = train_spo.run(load_spo_config("tiny", common + ["train.rounds=2", "train.resume=true"]))
+    assert resumed["rounds"] == 2  # the same base: round 0 from the checkpoint, round 1 trained
+
+    retrained = load_policy(ModelConfig(pretrained=str(base), resolution=16))
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(0.01)
+    retrained.save_pretrained(base)
+    with pytest.raises(TrainingError, match=r"input_contents\.model: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train_spo.run(load_spo_config("tiny", common + ["train.rounds=3", "train.resume=true"]))

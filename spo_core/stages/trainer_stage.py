@@ -17,7 +17,7 @@ from ..rollouts import sample_images
 from ..scorers.base import Scorer, build_scorer
 from ..training import Method, make_accelerator, train_rounds
 from ..reporting import image_grid
-from ..utils import seed_everything, staged
+from ..utils import path_digest, seed_everything, staged
 from .common import is_main_process, metrics_path, write_json
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,15 @@ def sample_sheet(images, prompts: list[str], cols: int = 8):
     return image_grid(grid, None, prompts if rows == 1 else None, scale=max(1, 128 // max(imgs.shape[-1], 1)))
 
 
+def input_digests(cfg: TrainerBaseConfig, needs_scorer: bool) -> dict[str, str | None]:
+    """Fingerprints of the files a run trains from (base model, VAE, step scorer, prompts, offline pairs):
+    a checkpoint resumes only on the same contents, not merely the same paths (a base retrained in place
+    would otherwise continue a LoRA made for the old one)."""
+    return {"model": path_digest(cfg.model.pretrained), "vae": path_digest(cfg.model.vae),
+            "scorer": path_digest(cfg.scorer.path) if needs_scorer and cfg.scorer is not None else None,
+            "prompts": path_digest(cfg.prompts.path), "dataset": path_digest(getattr(cfg, "dataset", None))}
+
+
 def make_monitor(mon: MonitorConfig, sampler: SamplingConfig, device):
     """A per-round callback scoring fixed-seed samples of fixed prompts (None if not configured), drawn
     with the trainer's own sampler (steps, guidance and eta: on the flow process eta is the SDE's noise
@@ -115,7 +124,8 @@ def run_training(stage: str, cfg: TrainerBaseConfig, make_method: Callable[[Diff
     start = monitor(-1, policy, force=True) if monitor is not None and not cfg.train.resume else {}
     res = train_rounds(policy, method, None if offline else prompts_from(cfg.prompts), cfg.lora, cfg.optim, cfg.train,
                        resume=cfg.train.resume, on_round_end=monitor, log_fn=lambda m, r: tracking.log_metrics(m, step=r),
-                       accelerator=acc, run_config=cfg.model_dump(mode="json"))
+                       accelerator=acc,
+                       run_config={**cfg.model_dump(mode="json"), "input_contents": input_digests(cfg, needs_scorer)})
     hist = res["history"]
     if is_main_process():
         write_json(metrics_path(f"{stage}_curve"), curve_rows(hist), indent=1)
