@@ -239,6 +239,34 @@ def test_flow_pretraining_regresses_the_velocity(root, world_dir):
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_ddpm_pretraining_predicts_the_offset_noise(root, world_dir, offset):
+    from spo_core.toyworld.models import build_toy_base
+    from spo_core.toyworld.pretrain import denoising_loss
+
+    cfg = pretrain_cfg(root, world_dir, noise_offset=offset)
+    policy = build_toy_base(cfg, load_world(world_dir).tokenizer(), 32)
+    x0 = torch.rand(3, *policy.latent_shape) * 2 - 1
+    captions = ["a red circle", "", "a blue square"]
+    loss = denoising_loss(policy, x0, captions, torch.Generator().manual_seed(7), cfg)
+    # by hand: eps, then (only with an offset) one N(0, 1) per image and channel, then t
+    gen = torch.Generator().manual_seed(7)
+    eps = torch.randn(x0.shape, generator=gen)
+    if offset:
+        eps = eps + offset * torch.randn(3, x0.shape[1], 1, 1, generator=gen)
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    ids = policy.tokenizer(captions, padding="max_length", max_length=policy.tokenizer.model_max_length,
+                           return_tensors="pt").input_ids
+    x_t = policy.scheduler.add_noise(x0, eps, t)
+    expected = ((policy.unet(x_t, t, encoder_hidden_states=policy.text_encoder(ids)[0]).sample - eps) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_offset_is_refused_for_the_flow_base(root, world_dir):
+    with pytest.raises(ValueError, match="noise_offset=0.1 applies to kind sd15 only"):
+        flow_cfg(root, world_dir, noise_offset=0.1)
+
+
 def test_killed_flow_pretraining_resumes_to_identical_weights(root, world_dir):
     resumed = killed_at_3_then_resumed(flow_cfg(root, world_dir, checkpoint_dir=str(root / "ckpt_flow_resume")),
                                        world_dir)

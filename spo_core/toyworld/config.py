@@ -222,6 +222,11 @@ class ToyPretrainConfig(ToyStage):
     warmup_steps: int = Field(default=30, ge=0)
     lr_schedule: Literal["constant_with_warmup", "cosine"] = "cosine"
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    # kind sd15: offset noise (diffusers' --noise_offset): noise + offset * N(0, 1) per image and channel.
+    # SD-1.5's schedule leaves sqrt(alpha_bar) ~ 0.08 at its first sampling step, so at 32 px the noisy
+    # latent's channel means still show the background: without an offset the model reads the background
+    # from them instead of from the prompt, and samples from pure noise get a random one.
+    noise_offset: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=25, ge=1)
     kind: Literal["sd15", "sd3"] = "sd15"
@@ -237,6 +242,13 @@ class ToyPretrainConfig(ToyStage):
     grid_prompts: int = Field(default=8, ge=1)  # held-out prompts in the sample grid
     eval_prompts: int = Field(default=64, ge=0)  # held-out prompts for the end-of-training reward
     num_threads: int | None = Field(default=None, ge=1)  # torch threads; None keeps torch's default
+
+    @model_validator(mode="after")
+    def _offset_needs_ddpm(self) -> "ToyPretrainConfig":
+        if self.kind == "sd3" and self.noise_offset:
+            raise ValueError(f"noise_offset={self.noise_offset} applies to kind sd15 only (the rectified flow reaches "
+                             "pure noise at t = 1, so no image leaks through): set it to 0 for kind sd3")
+        return self
 
 
 class LabelConfig(Strict):

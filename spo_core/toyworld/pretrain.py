@@ -89,7 +89,7 @@ def training_batch(step: int, cfg: ToyPretrainConfig, world: LoadedWorld, scenes
 
 
 FINGERPRINT_KEYS = {"seed", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "max_grad_norm",
-                    "arch", "captions"}
+                    "arch", "captions", "noise_offset"}
 FLOW_FINGERPRINT_KEYS = {"kind", "transformer", "flow_shift", "logit_mean", "logit_std"}
 
 
@@ -139,6 +139,8 @@ def denoising_loss(policy: DiffusionPolicy | FlowPolicy, latents: torch.Tensor, 
         hidden, pooled = policy.encode_text(captions)
         pred = policy.velocity(policy.add_noise(latents, noise, t), t, hidden, pooled)
         return F.mse_loss(pred, policy.process.target(latents, noise))
+    if cfg.noise_offset:  # drawn only when set, so runs without it keep their random stream
+        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
     sched = policy.scheduler
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
     ids = policy.tokenizer(captions, padding="max_length", max_length=policy.tokenizer.model_max_length,
