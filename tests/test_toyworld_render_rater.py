@@ -138,3 +138,23 @@ def test_reward_is_invariant_under_left_right_mirroring(batch):
     a, b = rate_prompts(noisy, prompts, WORLD), rate_prompts(flipped, captions, WORLD)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_an_empty_background_scores_below_an_imperfect_object(batch):
+    """With ``quality_needs_object`` quality is earned only by a picture of something; without it
+    the bare prompted background (alignment 0.25, quality 1) scores 0.475."""
+    _, scenes, images = batch
+    gated = WORLD.model_copy(update={"rater": WORLD.rater.model_copy(update={"quality_needs_object": True})})
+    blank = torch.stack([torch.tensor(WORLD.backgrounds[s.background]).view(3, 1, 1).expand(3, 32, 32)
+                         for s in scenes])
+    shapes = list(WORLD.shapes)
+    wrong = [replace(s, shape=shapes[(shapes.index(s.shape) + 1) % len(shapes)]) for s in scenes]
+    wrong_images = render_batch(wrong, 32, rng(0), WORLD)
+    empty, imperfect = rate(blank, scenes, gated), rate(wrong_images, scenes, gated)
+    assert float(empty["quality"].max()) == pytest.approx(0.0, abs=1e-6)
+    assert float(empty["reward"].max()) == pytest.approx(0.7 * 0.25, abs=1e-3)
+    assert bool((imperfect["reward"] > empty["reward"] + 0.2).all())
+    assert torch.allclose(imperfect["reward"], rate(wrong_images, scenes, WORLD)["reward"], atol=0.05)
+    assert float(rate(blank, scenes, WORLD)["reward"].mean()) == pytest.approx(0.475, abs=1e-3)
+    with pytest.raises(ValueError, match="quality_needs_object"):
+        WorldConfig.model_validate({"rater": {"quality_needs_object": "sometimes"}})

@@ -48,6 +48,10 @@ class RaterConfig(Strict):
     size_sigma: float = Field(default=0.15, gt=0)  # on log(estimated / nominal half-extent)
     shape_temperature: float = Field(default=0.03, gt=0)  # softmax over template IoUs
     noise_scale: float = Field(default=0.2, gt=0)  # |pixel - 3x3 median| that counts as full noise
+    # True: quality is earned only by a picture of something (scaled by the object's presence), so an
+    # empty background (quality 1 otherwise) is not worth more than an imperfect object. Off by default:
+    # measured, it did not help SPO (README, "The toy world").
+    quality_needs_object: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "RaterConfig":

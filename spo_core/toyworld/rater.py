@@ -22,11 +22,14 @@ alignment (does the image show the prompt?), weighted mean of
                    (1 if the prompt names no size);
   shape, position and size are multiplied by ``presence`` = min(1, 2 * object amount / A_lo) so
   that an absent object earns none of them.
-quality (is it a clean picture?), weighted mean of
+quality (is it a clean picture of something?), weighted mean of
   * ``palette``    mean fit of each pixel to its closest world colour: blurred edges, muddy or
                    desaturated colours and noise all leave pixels between palette colours;
   * ``smoothness`` 1 - mean(min(1, |g - median3x3(g)| / noise_scale)), g the channel mean of a
-                   pixel: absence of speckle noise.
+                   pixel: absence of speckle noise;
+  multiplied by ``presence`` too when ``quality_needs_object`` (off by default), so that an image
+  of the bare background (alignment 0.25, quality 1, reward 0.475) does not outscore an imperfect
+  object and the reward always pulls towards drawing one.
 reward = (alignment_weight * alignment + quality_weight * quality) / (alignment_weight + quality_weight).
 
 Simulated humans label a pair Bradley-Terry style: image 0 wins with probability
@@ -135,7 +138,7 @@ def _alignment(images: torch.Tensor, st: SceneTensors, world: WorldConfig) -> di
     log_ratio = torch.log(h_est / h_nominal)
     size = torch.nan_to_num(torch.exp(-log_ratio**2 / (2 * cfg.size_sigma**2)), nan=1.0)
     return {"colour": colour, "background": background, "shape": shape * presence,
-            "position": position * presence, "size": size * presence}
+            "position": position * presence, "size": size * presence, "presence": presence}
 
 
 def _quality(images: torch.Tensor, world: WorldConfig) -> dict[str, torch.Tensor]:
@@ -173,9 +176,12 @@ def rate(images: torch.Tensor, scenes: list[Scene] | SceneTensors,
         raise ValueError(f"{images.shape[0]} images but {len(st)} scenes: give one scene per image")
     st = SceneTensors(**{k: v.to(images.device) for k, v in vars(st).items()})
     parts = {**_alignment(images, st, world), **_quality(images, world)}
+    presence = parts.pop("presence")
     alignment = _weighted(parts, {"colour": cfg.colour_weight, "background": cfg.background_weight,
                                   "shape": cfg.shape_weight, "position": cfg.position_weight, "size": cfg.size_weight})
     quality = _weighted(parts, {"palette": cfg.palette_weight, "smoothness": cfg.smoothness_weight})
+    if cfg.quality_needs_object:
+        quality = quality * presence
     reward = _weighted({"a": alignment, "q": quality}, {"a": cfg.alignment_weight, "q": cfg.quality_weight})
     return {"reward": reward, "alignment": alignment, "quality": quality, **parts}
 

@@ -1,0 +1,59 @@
+"""Step-label fidelity: the pair-order statistics in closed form, and the branching rollout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spo_core.config import ModelConfig
+from spo_core.label_fidelity import best_worst_gap, order_agreement, step_label_fidelity
+from spo_core.models.diffusion import load_policy
+from spo_core.scorers.base import build_scorer
+
+
+def test_order_agreement_and_gap_in_closed_form():
+    final = torch.tensor([[0.1, 0.4, 0.2, 0.9], [0.5, 0.5, 0.0, 1.0]])
+    assert order_agreement(final, final) == (1.0, 6 + 5)  # one tied final pair in row 2 is left out
+    assert order_agreement(-final, final)[0] == 0.0
+    flat = torch.zeros_like(final)
+    assert order_agreement(flat, final)[0] == 0.5  # step ties count half
+    # Row 1: best by step = index 3 (0.9), worst = index 0 (0.1); row 2: best 3 (1.0), worst 2 (0.0).
+    mean, se = best_worst_gap(final, final)
+    assert mean == pytest.approx((0.8 + 1.0) / 2) and se == pytest.approx(0.1)  # std 0.1414 over 2 rows
+    assert best_worst_gap(-final, final)[0] == pytest.approx(-0.9)
+    assert math.isnan(order_agreement(torch.zeros(1, 2), torch.ones(1, 2))[0])
+
+
+def test_step_label_fidelity_on_the_tiny_model():
+    policy = load_policy(ModelConfig(pretrained="tiny:sd15", resolution=16))
+    final = build_scorer("brightness")
+    prompts, seeds = ["a red cat", "a blue dog", "a tree"], [0, 1, 2]
+
+    def run():
+        return step_label_fidelity(policy, prompts, seeds, {"bright": final, "dark": _Negated(final)}, final,
+                                   steps=[0, 2], num_steps=3, k=3)
+
+    rows = run()
+    assert [(r.step, r.scorer) for r in rows] == [(s, n) for s in (0, 2) for n in ("bright", "dark", "ceiling")]
+    by = {(r.step, r.scorer): r for r in rows}
+    for s in (0, 2):
+        ceiling = by[(s, "ceiling")]
+        assert ceiling.agree == 1.0 and ceiling.gap > 0 and ceiling.n_prompts == 3
+        assert by[(s, "bright")].gap <= ceiling.gap + 1e-7 and by[(s, "dark")].gap <= ceiling.gap + 1e-7
+    # After the last step the candidates are scored at x_0, so the final scorer's own labels reach the ceiling.
+    assert by[(2, "bright")].gap == pytest.approx(by[(2, "ceiling")].gap) and by[(2, "bright")].agree == 1.0
+    assert by[(2, "dark")].gap == pytest.approx(-by[(2, "ceiling")].gap) and by[(2, "dark")].agree == 0.0
+    assert by[(2, "bright")].t_score == 0 and by[(0, "bright")].t_score > by[(2, "bright")].t_score
+    assert [r.gap for r in run()] == [r.gap for r in rows]  # deterministic under the seeds
+    with pytest.raises(ValueError, match="steps"):
+        step_label_fidelity(policy, prompts, seeds, {}, final, steps=[3], num_steps=3, k=2)
+
+
+class _Negated:
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def score(self, images, prompts, timesteps=None):
+        return -self.scorer.score(images, prompts)
