@@ -6,7 +6,8 @@
 Run in a clone after ``dvc repro`` (or at least ``toy_pretrain prompts``). The policy, sampler
 settings, final scorer (``monitor.scorer``) and held-out prompts come from ``train_spo`` in
 ``params.yaml``. Step scorers default to the ground truth of the x0 estimate (``x0_truth``) plus
-every one of ``artifacts/toy/pickscore`` and ``artifacts/pm/{plain,agnostic,aware}`` that exists;
+each of ``artifacts/toy/pickscore`` (the plain model of ``train_pm``) and ``artifacts/pm/{agnostic,aware}``
+that exists;
 ``ceiling`` is the final score itself (the largest gap any labels could reach). The last line is a
 JSON object.
 """
@@ -31,7 +32,6 @@ from spo_core.scorers.base import build_scorer  # noqa: E402
 from spo_core.stages.trainer_stage import prompts_from  # noqa: E402
 
 DEFAULT_SCORERS = {"toy_pickscore": ("toy_pickscore", "artifacts/toy/pickscore"),
-                   "pm_plain": ("step_aware", "artifacts/pm/plain"),
                    "pm_agnostic": ("step_aware", "artifacts/pm/agnostic"),
                    "pm_aware": ("step_aware", "artifacts/pm/aware")}
 
