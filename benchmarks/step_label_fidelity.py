@@ -1,7 +1,7 @@
 """Do the step scorers' labels point towards better final images? (see spo_core.label_fidelity)
 
     python benchmarks/step_label_fidelity.py [--prompts 64] [--steps 4,7,10,13,16,19] \
-        [--scorer NAME=SCORER:PATH ...] [--params params.yaml]
+        [--scorer NAME=SCORER:PATH ...] [--lookahead N] [--params params.yaml]
 
 Run in a clone after ``dvc repro`` (or at least ``toy_pretrain prompts``). The policy, sampler
 settings, final scorer (``monitor.scorer``) and held-out prompts come from ``train_spo`` in
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--steps", default="4,7,10,13,16,19")
     ap.add_argument("--scorer", action="append", default=[], metavar="NAME=SCORER:PATH")
+    ap.add_argument("--lookahead", type=int, default=0, help="also score by an n-step eta-0 continuation")
     args = ap.parse_args()
     torch.manual_seed(0)
     with open(args.params) as f:
@@ -64,7 +65,7 @@ def main() -> None:
     s = cfg.sampler
     t0 = time.perf_counter()
     rows = step_label_fidelity(policy, prompts, seeds, scorers, final, steps, s.num_steps, s.k,
-                               s.guidance_scale, s.eta)
+                               s.guidance_scale, s.eta, args.lookahead)
     wall = time.perf_counter() - t0
     print(f"{'step':>4} {'t':>5} {'scorer':<14} {'gap (final best - worst)':>26} {'agree':>6}")
     for r in rows:

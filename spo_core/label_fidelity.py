@@ -14,7 +14,9 @@ toy world). Per step and scorer it reports
   step scorer and by the final score (0.5 for random labels).
 
 A row ``ceiling`` per step orders the candidates by their final scores themselves: the largest gap
-any labels could reach at that step.
+any labels could reach at that step. With ``lookahead`` n > 0 a row ``lookahead<n>`` scores each
+candidate by the final scorer on a deterministic n-step (eta 0) continuation to x_0 instead of the
+one-call x0 estimate: how much of the ceiling a step scorer could see if its input were sharper.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def best_worst_gap(step_scores: torch.Tensor, final: torch.Tensor) -> tuple[floa
 @torch.no_grad()
 def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_scorers: dict, final_scorer,
                         steps: list[int], num_steps: int = 20, k: int = 4, guidance_scale: float = 5.0,
-                        eta: float = 1.0) -> list[StepFidelity]:
+                        eta: float = 1.0, lookahead: int = 0) -> list[StepFidelity]:
     """Branch k candidates at each step index in ``steps`` of each prompt's trajectory and compare
     the step scorers' orders with the final images' ``final_scorer`` scores (see the module doc)."""
     if not steps or min(steps) < 0 or max(steps) >= num_steps:
@@ -96,6 +98,9 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
             images = policy.decode(x0)
             scores = {name: torch.as_tensor(s.score(images, prompts_k, t_score)).float().cpu().view(P, k)
                       for name, s in step_scorers.items()}
+            if lookahead > 0:
+                ahead = policy.decode(_deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale))
+                scores[f"lookahead{lookahead}"] = torch.as_tensor(final_scorer.score(ahead, prompts_k)).float().cpu().view(P, k)
             c = cand
             for j in range(i + 1, num_steps):
                 c = step(c, j, cond_k, branch, rows_k)
@@ -107,3 +112,15 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 out.append(StepFidelity(i, float(t_score[0]), name, gap, se, agree, P))
         x = step(x, i, cond, main, rows)
     return out
+
+
+def _deterministic_x0(policy, x: torch.Tensor, start: int, ts: torch.Tensor, prevs: torch.Tensor, cond, n: int,
+                      guidance_scale: float) -> torch.Tensor:
+    """From x at grid index ``start`` to x_0 in at most n eta-0 steps over the grid's remaining times."""
+    num_steps, proc, dev = len(ts), policy.process, x.device
+    idx = sorted({round(v) for v in torch.linspace(start, num_steps, n + 1).tolist()})
+    for a, b in zip(idx[:-1], idx[1:]):
+        t = _full(ts[a], x.shape[0], dev, ts.dtype)
+        prev = _full(ts[b] if b < num_steps else prevs[-1], x.shape[0], dev, ts.dtype)
+        x = proc.step(x, policy.predict(x, t, cond, guidance_scale), t, prev, 0.0, noise=torch.zeros_like(x))[0]
+    return x
