@@ -55,6 +55,8 @@ def main() -> None:
         for s in args.scorer:
             name, _, rest = s.partition("=")
             kind, _, path = rest.partition(":")
+            if not name or not kind:
+                ap.error(f"--scorer {s!r}: write NAME=SCORER:PATH, e.g. aware=step_aware:artifacts/pm/aware")
             specs[name] = (kind, path or None)
     else:
         specs.update({n: v for n, v in DEFAULT_SCORERS.items() if os.path.isdir(v[1])})
