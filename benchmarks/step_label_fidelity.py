@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from spo_core.config import SPOConfig  # noqa: E402
+from spo_core.errors import SpoError  # noqa: E402
 from spo_core.label_fidelity import step_label_fidelity  # noqa: E402
 from spo_core.models.diffusion import load_policy  # noqa: E402
 from spo_core.scorers.base import build_scorer  # noqa: E402
@@ -47,9 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     with open(args.params) as f:
         cfg = SPOConfig.model_validate(yaml.safe_load(f)["train_spo"])
-    policy = load_policy(cfg.model, "cpu")
     mon = cfg.monitor.scorer
-    final = build_scorer(mon.name, mon.path, "cpu", **mon.options)
     specs = dict(x0_truth=(mon.name, mon.path))
     if args.scorer:
         for s in args.scorer:
@@ -60,6 +59,8 @@ def main() -> None:
             specs[name] = (kind, path or None)
     else:
         specs.update({n: v for n, v in DEFAULT_SCORERS.items() if os.path.isdir(v[1])})
+    policy = load_policy(cfg.model, "cpu")
+    final = build_scorer(mon.name, mon.path, "cpu", **mon.options)
     scorers = {n: build_scorer(kind, path, "cpu") for n, (kind, path) in specs.items()}
     prompts = prompts_from(cfg.monitor.prompts)[:args.prompts]
     seeds = [cfg.monitor.seed + i for i in range(len(prompts))]
@@ -77,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (SpoError, FileNotFoundError) as exc:  # missing artifacts: run `dvc repro` first
+        raise SystemExit(f"step_label_fidelity: {exc}") from None
