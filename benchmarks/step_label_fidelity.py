@@ -68,7 +68,7 @@ def main() -> None:
     s = cfg.sampler
     t0 = time.perf_counter()
     rows = step_label_fidelity(policy, prompts, seeds, scorers, final, steps, s.num_steps, s.k,
-                               s.guidance_scale, s.eta, args.lookahead)
+                               s.guidance_scale, s.eta, args.lookahead, s.decode_batch_size)
     wall = time.perf_counter() - t0
     print(f"{'step':>4} {'t':>5} {'scorer':<14} {'gap (final best - worst)':>26} {'agree':>6}")
     for r in rows:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rollouts import RowRNG, _full
+from .rollouts import RowRNG, _full, decode_and_score
 
 
 @dataclass
@@ -62,7 +62,7 @@ def best_worst_gap(step_scores: torch.Tensor, final: torch.Tensor) -> tuple[floa
 @torch.no_grad()
 def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_scorers: dict, final_scorer,
                         steps: list[int], num_steps: int = 20, k: int = 4, guidance_scale: float = 5.0,
-                        eta: float = 1.0, lookahead: int = 0) -> list[StepFidelity]:
+                        eta: float = 1.0, lookahead: int = 0, decode_batch_size: int = 64) -> list[StepFidelity]:
     """Branch k candidates at each step index in ``steps`` of each prompt's trajectory and compare
     the step scorers' orders with the final images' ``final_scorer`` scores (see the module doc)."""
     if not steps or min(steps) < 0 or max(steps) >= num_steps:
@@ -95,16 +95,19 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 t_score = proc.on_1000(t_next)
             else:
                 x0, t_score = cand, proc.on_1000(_full(0, P * k, dev, ts.dtype))
-            images = policy.decode(x0)
-            scores = {name: torch.as_tensor(s.score(images, prompts_k, t_score)).float().cpu().view(P, k)
-                      for name, s in step_scorers.items()}
+            scores = {}
+            if step_scorers:  # decoded once, in chunks, for all step scorers
+                table = decode_and_score(policy, _Together(step_scorers), x0, prompts_k, t_score, decode_batch_size)
+                scores = dict(zip(step_scorers, table.cpu().view(P, k, -1).unbind(dim=2)))
+            at_0 = proc.on_1000(_full(0, P * k, dev, ts.dtype))
             if lookahead > 0:
-                ahead = policy.decode(_deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale))
-                scores[f"lookahead{lookahead}"] = torch.as_tensor(final_scorer.score(ahead, prompts_k)).float().cpu().view(P, k)
+                ahead = _deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale)
+                scores[f"lookahead{lookahead}"] = decode_and_score(policy, final_scorer, ahead, prompts_k, at_0,
+                                                                   decode_batch_size).cpu().view(P, k)
             c = cand
             for j in range(i + 1, num_steps):
                 c = step(c, j, cond_k, branch, rows_k)
-            final = torch.as_tensor(final_scorer.score(policy.decode(c), prompts_k)).float().cpu().view(P, k)
+            final = decode_and_score(policy, final_scorer, c, prompts_k, at_0, decode_batch_size).cpu().view(P, k)
             scores["ceiling"] = final
             for name, sc in scores.items():
                 gap, se = best_worst_gap(sc, final)
@@ -112,6 +115,16 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 out.append(StepFidelity(i, float(t_score[0]), name, gap, se, agree, P))
         x = step(x, i, cond, main, rows)
     return out
+
+
+class _Together:
+    """Several scorers as one, (n, S) scores, so that each chunk of latents is decoded once."""
+
+    def __init__(self, scorers: dict):
+        self.scorers = list(scorers.values())
+
+    def score(self, images, prompts, timesteps=None):
+        return torch.stack([torch.as_tensor(s.score(images, prompts, timesteps)).float() for s in self.scorers], dim=1)
 
 
 def _deterministic_x0(policy, x: torch.Tensor, start: int, ts: torch.Tensor, prevs: torch.Tensor, cond, n: int,
