@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--steps", default="4,7,10,13,16,19")
     ap.add_argument("--scorer", action="append", default=[], metavar="NAME=SCORER:PATH")
-    ap.add_argument("--lookahead", type=int, default=0, help="also score by an n-step eta-0 continuation")
+    ap.add_argument("--lookahead", type=int, default=0, help="also score an n-step eta-0 continuation of each candidate (final and step scorers)")
     args = ap.parse_args()
     torch.manual_seed(0)
     with open(args.params) as f:
@@ -70,9 +70,9 @@ def main() -> None:
     rows = step_label_fidelity(policy, prompts, seeds, scorers, final, steps, s.num_steps, s.k,
                                s.guidance_scale, s.eta, args.lookahead, s.decode_batch_size)
     wall = time.perf_counter() - t0
-    print(f"{'step':>4} {'t':>5} {'scorer':<14} {'gap (final best - worst)':>26} {'agree':>6}")
+    print(f"{'step':>4} {'t':>5} {'scorer':<18} {'gap (final best - worst)':>26} {'agree':>6}")
     for r in rows:
-        print(f"{r.step:>4} {r.t_score:>5.0f} {r.scorer:<14} {r.gap:>+17.4f} +- {r.gap_se:.4f} {r.agree:>6.3f}")
+        print(f"{r.step:>4} {r.t_score:>5.0f} {r.scorer:<18} {r.gap:>+17.4f} +- {r.gap_se:.4f} {r.agree:>6.3f}")
     print(f"{len(prompts)} prompts, k = {s.k}, final scorer {mon.name}; {wall:.0f} s")
     print(json.dumps({"prompts": len(prompts), "k": s.k, "wall_s": round(wall, 1), "rows": [asdict(r) for r in rows]}))
 

@@ -152,6 +152,11 @@ class SamplerConfig(RolloutConfig):
     threshold: float = Field(default=0.3, ge=0.0, lt=1.0)
     resampler: Literal["random", "win", "lose", "none"] = "random"
     pair: Literal["best_worst", "random"] = "best_worst"
+    # How a candidate is judged. 0 (the paper): the scorer sees the one-call x0 estimate at the
+    # candidate's own timestep. n > 0: it sees a deterministic (eta 0) continuation to x_0 in at most
+    # n steps over the grid's remaining times, scored at t = 0; sharper labels at the early steps
+    # where outcomes diverge, for about n - 1 more UNet calls per candidate and step.
+    lookahead: int = Field(default=0, ge=0)
 
 
 class LoraConfig(Strict):

@@ -16,7 +16,9 @@ toy world). Per step and scorer it reports
 A row ``ceiling`` per step orders the candidates by their final scores themselves: the largest gap
 any labels could reach at that step. With ``lookahead`` n > 0 a row ``lookahead<n>`` scores each
 candidate by the final scorer on a deterministic n-step (eta 0) continuation to x_0 instead of the
-one-call x0 estimate: how much of the ceiling a step scorer could see if its input were sharper.
+one-call x0 estimate: how much of the ceiling a step scorer could see if its input were sharper; rows
+``<name>@la<n>`` score the same continuation with each step scorer (at t = 0), as SPO's sampler does
+with ``sampler.lookahead``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rollouts import RowRNG, _full, decode_and_score
+from .rollouts import RowRNG, _full, decode_and_score, deterministic_x0
 
 
 @dataclass
@@ -100,10 +102,12 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 table = decode_and_score(policy, _Together(step_scorers), x0, prompts_k, t_score, decode_batch_size)
                 scores = dict(zip(step_scorers, table.cpu().view(P, k, -1).unbind(dim=2)))
             at_0 = proc.on_1000(_full(0, P * k, dev, ts.dtype))
-            if lookahead > 0:
-                ahead = _deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale)
-                scores[f"lookahead{lookahead}"] = decode_and_score(policy, final_scorer, ahead, prompts_k, at_0,
-                                                                   decode_batch_size).cpu().view(P, k)
+            if lookahead > 0:  # the continuation scored by the final scorer and by each step scorer, at t = 0
+                ahead = deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale)
+                named = {f"lookahead{lookahead}": final_scorer,
+                         **{f"{n}@la{lookahead}": sc for n, sc in step_scorers.items()}}
+                table = decode_and_score(policy, _Together(named), ahead, prompts_k, at_0, decode_batch_size)
+                scores.update(zip(named, table.cpu().view(P, k, -1).unbind(dim=2)))
             c = cand
             for j in range(i + 1, num_steps):
                 c = step(c, j, cond_k, branch, rows_k)
@@ -126,14 +130,3 @@ class _Together:
     def score(self, images, prompts, timesteps=None):
         return torch.stack([torch.as_tensor(s.score(images, prompts, timesteps)).float() for s in self.scorers], dim=1)
 
-
-def _deterministic_x0(policy, x: torch.Tensor, start: int, ts: torch.Tensor, prevs: torch.Tensor, cond, n: int,
-                      guidance_scale: float) -> torch.Tensor:
-    """From x at grid index ``start`` to x_0 in at most n eta-0 steps over the grid's remaining times."""
-    num_steps, proc, dev = len(ts), policy.process, x.device
-    idx = sorted({round(v) for v in torch.linspace(start, num_steps, n + 1).tolist()})
-    for a, b in zip(idx[:-1], idx[1:]):
-        t = _full(ts[a], x.shape[0], dev, ts.dtype)
-        prev = _full(ts[b] if b < num_steps else prevs[-1], x.shape[0], dev, ts.dtype)
-        x = proc.step(x, policy.predict(x, t, cond, guidance_scale), t, prev, 0.0, noise=torch.zeros_like(x))[0]
-    return x

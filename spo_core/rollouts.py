@@ -203,7 +203,8 @@ def spo_sample(policy: Policy, cond: Conditioning, scorer, cfg: SamplerConfig,
     candidates are drawn from each prompt's shared x_t (or, with resampler ``none``, k independent
     trajectories each take a step), each candidate takes ``cfg.inner_steps`` further solo steps
     (:func:`segment_ends`), the segment ends are scored at their own timestep (t = 0 after the last
-    step) and the best/worst (or a random pair) gives the labels. Candidates of all prompts are
+    step; with ``cfg.lookahead`` n > 0, by their n-step deterministic continuation at t = 0:
+    :func:`deterministic_x0`) and the best/worst (or a random pair) gives the labels. Candidates of all prompts are
     evaluated in one batched UNet call per step, decoded and scored in chunks of
     ``cfg.decode_batch_size``, and the chosen candidate's noise prediction is reused for the next
     step. Returns the kept pairs (possibly none) and statistics.
@@ -262,8 +263,13 @@ def spo_sample(policy: Policy, cond: Conditioning, scorer, cfg: SamplerConfig,
             path_x.append(cand)
         if end < n_steps:
             eps_end = eps_at(cand, end, rows_k)
-            x0 = proc.x0(cand, full(ts[end], P * k), eps_end)
-            t_score = proc.on_1000(full(ts[end], P * k))
+            if cfg.lookahead > 0:
+                x0 = deterministic_x0(policy, cand, end, ts, prevs, cond.select(rows_k), cfg.lookahead, g,
+                                      eps_first=eps_end, stats=stats)
+                t_score = proc.on_1000(full(0, P * k))
+            else:
+                x0 = proc.x0(cand, full(ts[end], P * k), eps_end)
+                t_score = proc.on_1000(full(ts[end], P * k))
         else:
             eps_end, x0, t_score = None, cand, proc.on_1000(full(0, P * k))
         scores = decode_and_score(policy, scorer, x0, [cond.prompts[r] for r in rows_k.tolist()], t_score,
@@ -311,6 +317,28 @@ def segment_ends(start: int, num_steps: int, inner_steps: int) -> list[int]:
         ends.append(end)
         i = end
     return ends
+
+
+@torch.no_grad()
+def deterministic_x0(policy: Policy, x: torch.Tensor, start: int, ts: torch.Tensor, prevs: torch.Tensor, cond: Conditioning,
+                     n: int, guidance_scale: float, eps_first: torch.Tensor | None = None,
+                     stats: SampleStats | None = None) -> torch.Tensor:
+    """From x at grid index ``start`` to x_0 in at most n eta-0 steps over the grid's remaining times
+    (evenly spaced indices, the last step landing on the grid's final time). ``eps_first``, when given,
+    is the network output at (x, ts[start]) and saves the first call."""
+    num_steps, proc, dev = len(ts), policy.process, x.device
+    idx = sorted({round(v) for v in torch.linspace(start, num_steps, n + 1).tolist()})
+    for a, b in zip(idx[:-1], idx[1:]):
+        t = _full(ts[a], x.shape[0], dev, ts.dtype)
+        prev = _full(ts[b] if b < num_steps else prevs[-1], x.shape[0], dev, ts.dtype)
+        if a == start and eps_first is not None:
+            eps = eps_first
+        else:
+            eps = policy.predict(x, t, cond, guidance_scale)
+            if stats is not None:
+                stats.unet_evals += x.shape[0]
+        x = proc.step(x, eps, t, prev, 0.0, noise=torch.zeros_like(x))[0]
+    return x
 
 
 def decode_and_score(policy: Policy, scorer, latents: torch.Tensor, prompts: list[str], t: torch.Tensor,

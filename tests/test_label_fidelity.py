@@ -55,6 +55,10 @@ def test_step_label_fidelity_on_the_tiny_model():
     assert by_ahead[(0, "bright")].gap == by[(0, "bright")].gap and by_ahead[(0, "ceiling")].gap == by[(0, "ceiling")].gap
     assert by_ahead[(2, "lookahead2")].gap == pytest.approx(by[(2, "ceiling")].gap)
     assert by_ahead[(0, "lookahead2")].gap <= by[(0, "ceiling")].gap + 1e-7
+    # Each step scorer also scores the continuation: here the step scorer is the final one, so its
+    # look-ahead row is the final scorer's.
+    assert [r.scorer for r in ahead if r.step == 0] == ["bright", "lookahead2", "bright@la2", "ceiling"]
+    assert by_ahead[(0, "bright@la2")].gap == by_ahead[(0, "lookahead2")].gap
     with pytest.raises(ValueError, match="steps"):
         step_label_fidelity(policy, prompts, seeds, {}, final, steps=[3], num_steps=3, k=2)
 

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from spo_core.config import SamplerConfig
 from spo_core.models.tiny import SD_SCHEDULER_CONFIG
 from spo_core.processes.ddim import alphas_at, ddim_step_with_logprob
-from spo_core.rollouts import RowRNG, keep_pair, sample_images, spo_sample
+from spo_core.rollouts import RowRNG, deterministic_x0, keep_pair, sample_images, spo_sample
 from spo_core.scorers.simple import BrightnessScorer
 
 # 6 DDIM steps ("leading", offset 1): t = 831, 665, 499, 333, 167, 1 and prev_t = t - 166.
@@ -381,6 +381,10 @@ def _count_guided(policy, monkeypatch):
         (dict(num_steps=6, k=2, inner_steps=1), 2, 22),
         # resampler none, 4 steps, k=2, P=1: 1 at x_T, then the 3 non-final segment ends of 2 = 6. Total 7.
         (dict(num_steps=4, k=2, resampler="none"), 1, 7),
+        # The first case with a 2-step look-ahead: after the segment ending at step 1 the continuation
+        # 1 -> 2 -> 4 reuses the prediction at step 1 and needs one more call at step 2 (6); from step 2,
+        # 2 -> 3 -> 4 needs one at step 3 (6); from step 3 one step, 3 -> 4, needs none. Total 20 + 12.
+        (dict(num_steps=4, k=3, lookahead=2), 2, 32),
     ],
 )
 def test_unet_evaluation_count(make_policy, monkeypatch, kw, P, expected):
@@ -420,3 +424,50 @@ def test_chosen_candidate_prediction_is_reused(make_policy, monkeypatch):
     # The check has power: predictions at different candidates of one prompt differ far more than that.
     ends = calls[1]["out"].view(P, k, -1)
     assert (ends[:, 0] - ends[:, 1]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------ look-ahead step scorer
+
+
+def test_deterministic_x0_over_the_whole_grid_is_eta0_sampling(make_policy):
+    policy = make_policy("sd15")
+    num_steps, seed = 6, 11
+    plain = sample_images(policy, ["a cat"], [seed], num_steps=num_steps, eta=0.0, return_latents=True)
+    x_T = torch.randn((num_steps + 1, *policy.latent_shape), generator=torch.Generator().manual_seed(seed))[:1]
+    ts, prevs = policy.process.grid(num_steps)
+    ahead = deterministic_x0(policy, x_T, 0, ts, prevs, policy.encode_prompts(["a cat"]), num_steps, 5.0)
+    torch.testing.assert_close(ahead, plain, rtol=1e-5, atol=1e-5)
+    # Fewer steps than the grid has left: a different (coarser) x_0, still one call per step.
+    coarse = deterministic_x0(policy, x_T, 0, ts, prevs, policy.encode_prompts(["a cat"]), 2, 5.0)
+    assert (coarse - plain).abs().max() > 1e-3
+
+
+def test_lookahead_scores_each_candidate_by_its_deterministic_continuation(make_policy):
+    policy = make_policy("sd15")
+    prompts, n = ["a cat", "a dog"], 2
+    scfg = cfg(k=3, lookahead=n)
+    pairs, _, scorer = run(policy, prompts, scfg)
+    # Every candidate is scored as a clean image (t = 0), the look-ahead's own time.
+    assert all(t == 0 for c in scorer.calls for t in c["t"])
+    # The winner's score is the brightness of its continuation from the candidate it labels.
+    ts, prevs = policy.process.grid(scfg.num_steps)
+    cond = policy.encode_prompts(prompts)
+    for r in range(len(pairs)):
+        end = int(pairs.order[r]) + 1
+        if end == scfg.num_steps:  # the last step's candidates are x_0 themselves
+            x0 = pairs.x_prev_w[r:r + 1]
+        else:
+            x0 = deterministic_x0(policy, pairs.x_prev_w[r:r + 1], end, ts, prevs,
+                                  cond.select(pairs.prompt_index[r:r + 1]), n, scfg.guidance_scale)
+        expected = BrightnessScorer().score(policy.decode(x0), prompts[:1])
+        torch.testing.assert_close(pairs.score_w[r:r + 1], expected.float(), rtol=1e-4, atol=1e-5)
+    # The look-ahead draws no noise: with k = 2 (win and lose are all the candidates) the first
+    # branch offers the same two candidates per prompt as the plain sampler, in whatever order.
+    ahead, _, _ = run(policy, prompts, cfg(k=2, lookahead=n))
+    plain, _, _ = run(policy, prompts, cfg(k=2))
+    for p in range(len(prompts)):
+        a, b = by_prompt_t(ahead, p, T6[0]), by_prompt_t(plain, p, T6[0])
+        got = sorted([ahead.x_prev_w[a], ahead.x_prev_l[a]], key=lambda x: float(x.sum()))
+        ref = sorted([plain.x_prev_w[b], plain.x_prev_l[b]], key=lambda x: float(x.sum()))
+        for x, y in zip(got, ref):
+            torch.testing.assert_close(x, y)
