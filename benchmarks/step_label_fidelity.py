@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--steps", default="4,7,10,13,16,19")
     ap.add_argument("--scorer", action="append", default=[], metavar="NAME=SCORER:PATH")
-    ap.add_argument("--lookahead", type=int, default=0, help="also score an n-step eta-0 continuation of each candidate (final and step scorers)")
+    ap.add_argument("--lookahead", type=int, default=0, help="also score each step scorer on an n-step eta-0 continuation of the candidates")
     args = ap.parse_args()
     torch.manual_seed(0)
     with open(args.params) as f:

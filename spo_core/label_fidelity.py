@@ -14,11 +14,10 @@ toy world). Per step and scorer it reports
   step scorer and by the final score (0.5 for random labels).
 
 A row ``ceiling`` per step orders the candidates by their final scores themselves: the largest gap
-any labels could reach at that step. With ``lookahead`` n > 0 a row ``lookahead<n>`` scores each
-candidate by the final scorer on a deterministic n-step (eta 0) continuation to x_0 instead of the
-one-call x0 estimate: how much of the ceiling a step scorer could see if its input were sharper; rows
-``<name>@la<n>`` score the same continuation with each step scorer (at t = 0), as SPO's sampler does
-with ``sampler.lookahead``.
+any labels could reach at that step. With ``lookahead`` n > 0 rows ``<name>@la<n>`` score each
+candidate, with each step scorer at t = 0, by a deterministic n-step (eta 0) continuation to x_0
+instead of the one-call x0 estimate, as SPO's sampler does with ``sampler.lookahead``: how much of
+the ceiling a step scorer sees when its input is sharper.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from .rollouts import RowRNG, _full, decode_and_score, deterministic_x0
 @dataclass
 class StepFidelity:
     step: int  # index in the sampling grid of the branching transition
-    t_score: float  # the time (0..1000) at which the candidates are scored
+    t_score: float  # the candidates' time (0..1000), where the x0 estimate is scored (look-ahead rows: at 0)
     scorer: str
     gap: float
     gap_se: float
@@ -102,12 +101,10 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 table = decode_and_score(policy, _Together(step_scorers), x0, prompts_k, t_score, decode_batch_size)
                 scores = dict(zip(step_scorers, table.cpu().view(P, k, -1).unbind(dim=2)))
             at_0 = proc.on_1000(_full(0, P * k, dev, ts.dtype))
-            if lookahead > 0:  # the continuation scored by the final scorer and by each step scorer, at t = 0
+            if lookahead > 0 and step_scorers:  # each step scorer on the continuation, at t = 0
                 ahead = deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale)
-                named = {f"lookahead{lookahead}": final_scorer,
-                         **{f"{n}@la{lookahead}": sc for n, sc in step_scorers.items()}}
-                table = decode_and_score(policy, _Together(named), ahead, prompts_k, at_0, decode_batch_size)
-                scores.update(zip(named, table.cpu().view(P, k, -1).unbind(dim=2)))
+                table = decode_and_score(policy, _Together(step_scorers), ahead, prompts_k, at_0, decode_batch_size)
+                scores.update(zip([f"{n}@la{lookahead}" for n in step_scorers], table.cpu().view(P, k, -1).unbind(dim=2)))
             c = cand
             for j in range(i + 1, num_steps):
                 c = step(c, j, cond_k, branch, rows_k)
