@@ -39,6 +39,7 @@ class StepFidelity:
     gap_se: float
     agree: float
     n_prompts: int
+    per_prompt: tuple[float, ...] = ()  # each prompt's final best-minus-worst gap (for paired comparisons)
 
 
 def order_agreement(step_scores: torch.Tensor, final: torch.Tensor) -> tuple[float, int]:
@@ -52,12 +53,23 @@ def order_agreement(step_scores: torch.Tensor, final: torch.Tensor) -> tuple[flo
     return (float(((same > 0).float() + 0.5 * (same == 0).float()).mean()) if n else math.nan), n
 
 
-def best_worst_gap(step_scores: torch.Tensor, final: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over rows of final[argmax step] - final[argmin step]; (P, k) each."""
+def row_gaps(step_scores: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Per row, final[argmax step] - final[argmin step]; (P, k) each, (P,) float64 out."""
     win, lose = step_scores.argmax(dim=1, keepdim=True), step_scores.argmin(dim=1, keepdim=True)
-    d = (final.gather(1, win) - final.gather(1, lose)).squeeze(1).double()
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    return float(d.mean()), se
+    return (final.gather(1, win) - final.gather(1, lose)).squeeze(1).double()
+
+
+def mean_se(d: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (NaN for fewer than two values)."""
+    d = torch.as_tensor(d, dtype=torch.float64)
+    return float(d.mean()), (float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.nan)
+
+
+def paired_gap_difference(a: StepFidelity, b: StepFidelity) -> tuple[float, float]:
+    """Scorer a's gap minus scorer b's at the same step, paired over prompts: (mean, standard error)."""
+    if (a.step, a.n_prompts) != (b.step, b.n_prompts) or len(a.per_prompt) != a.n_prompts:
+        raise ValueError(f"rows {a.scorer}@{a.step} and {b.scorer}@{b.step} are not paired over the same prompts")
+    return mean_se(torch.tensor(a.per_prompt, dtype=torch.float64) - torch.tensor(b.per_prompt, dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -111,9 +123,9 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
             final = decode_and_score(policy, final_scorer, c, prompts_k, at_0, decode_batch_size).cpu().view(P, k)
             scores["ceiling"] = final
             for name, sc in scores.items():
-                gap, se = best_worst_gap(sc, final)
+                d = row_gaps(sc, final)
                 agree, _ = order_agreement(sc, final)
-                out.append(StepFidelity(i, float(t_score[0]), name, gap, se, agree, P))
+                out.append(StepFidelity(i, float(t_score[0]), name, *mean_se(d), agree, P, tuple(d.tolist())))
         x = step(x, i, cond, main, rows)
     return out
 
