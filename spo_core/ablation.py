@@ -37,6 +37,8 @@ base), and the table then has one row per model:
       lora: "{run}/lora"              # each variant's LoRA
       set: ["output_dir={root}/compare"]   # {root} = <output_root>/<table>
     efficiency_reference: ddpo       # optional: compute each variant needs to reach this one's final reward
+    contrasts: ["aware - plain"]     # optional: paired differences between variants (spo_core.contrasts),
+                                     # over seeds and over prompts, in the report's "Contrasts" section
 
 Each variant calls the same stage functions as DVC and Prefect do
 (:func:`spo_core.stages.common.execute` with the stage's ``run``) inside its own MLflow run,
@@ -116,6 +118,7 @@ class AblationSpec(Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     columns: list[str] | None = None  # table columns (as in the default table); None: every metric
     efficiency_reference: str | None = None  # a variant: compute each needs to reach its final reward
+    contrasts: list[str] = Field(default_factory=list)  # "A - B": paired differences (needs compare)
     seeds: list[int] | None = Field(default=None, min_length=1)  # expanded into <variant>.s<seed> at validation
     seed_key: str = "train.seed"  # the training stages' seed setting
     seed_groups: dict[str, list[str]] = Field(default_factory=dict)  # derived from seeds: variant -> its runs
@@ -177,6 +180,19 @@ class AblationSpec(Strict):
         if ref is not None and ref not in self.variants and ref not in self.seed_groups:
             raise ValueError(f"efficiency_reference '{ref}' is not a variant: "
                              f"choose one of {sorted(self.seed_groups or self.variants)}")
+        return self
+
+    @model_validator(mode="after")
+    def _contrasts_known(self) -> "AblationSpec":
+        from .contrasts import parse_contrast
+
+        if self.contrasts and self.compare is None:
+            raise ValueError("'contrasts' need a 'compare' step (the joint evaluation they pair): add one or drop them")
+        names = set(self.seed_groups or self.variants)
+        for text in self.contrasts:
+            unknown = [n for n in parse_contrast(text) if n not in names]
+            if unknown:
+                raise ValueError(f"contrast {text!r} names {unknown}, not variants: choose from {sorted(names)}")
         return self
 
     def seed_values(self) -> list[int]:
@@ -479,6 +495,35 @@ def seed_summary(spec: AblationSpec, df: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(records) if records else None
 
 
+def contrasts_of(spec: AblationSpec, scores_path: Path, names: list[str]) -> pd.DataFrame:
+    """The spec's contrasts on the joint evaluation's item scores (only the variants that ran)."""
+    from .contrasts import COLUMNS, KEYS, contrast_table, parse_contrast
+
+    wanted = [c for c in spec.contrasts if all(r in names for v in parse_contrast(c) for r in spec.runs_of(v))]
+    if not wanted:
+        return pd.DataFrame(columns=COLUMNS)
+    scores = pd.read_parquet(scores_path)
+    columns = [c for c in scores.columns if c not in (*KEYS, "seed") and pd.api.types.is_numeric_dtype(scores[c])]
+    return contrast_table(scores, wanted, spec.runs_of, columns)
+
+
+def contrast_section(table: pd.DataFrame) -> str:
+    def ci(lo: float, hi: float) -> str:
+        return "n/a" if pd.isna(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
+
+    shown = pd.DataFrame({
+        "contrast": table["contrast"], "scorer": table["scorer"], "seeds": table["seeds"], "prompts": table["prompts"],
+        "diff": [f"{d:+.4f}" for d in table["diff"]],
+        "95% CI over seeds": [ci(lo, hi) for lo, hi in zip(table["seeds_ci_low"], table["seeds_ci_high"])],
+        "95% CI over prompts": [ci(lo, hi) for lo, hi in zip(table["prompts_ci_low"], table["prompts_ci_high"])],
+        "both exclude 0": ["yes" if x else "no" for x in table["excludes_zero"]],
+    })
+    return ("## Contrasts (A - B, paired by seed and by item; `spo_core/contrasts.py`)\n\n"
+            "The interval over seeds is Student t over the per-seed mean differences; the one over prompts is "
+            "Student t over each prompt's difference averaged over its images and the seeds.\n\n"
+            + (markdown_table(shown) if len(shown) else "No contrast had all its runs in this invocation.\n"))
+
+
 def write_report(spec: AblationSpec, df: pd.DataFrame, sections: list[str] | None = None) -> Path:
     """``<report_dir>/<table>.md``: a title, what was varied, the table, extra sections, the paper's numbers."""
     stages = " + ".join(sorted({spec.train_stage(v) for v in spec.variants}) + [s.stage for s in spec.steps[1:]]
@@ -523,6 +568,10 @@ def run_ablation(spec: AblationSpec, map_variants: MapVariants = run_sequential,
                 sections.append("## Evaluation (paired: the same prompts and seeds for every model)\n\n"
                                 + compare_md.read_text())
             sections.extend(eff.sections)
+            if spec.contrasts:
+                table = contrasts_of(spec, compare_md.parent / "scores.parquet", names)
+                sections.append(contrast_section(table))
+                tracking.log_table(table, f"{spec.table}_contrasts")
             for image in eff.images:
                 tracking.log_artifact(image)
         summary = seed_summary(spec, df)

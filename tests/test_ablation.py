@@ -252,6 +252,7 @@ def test_method_table_compares_every_variant_with_the_base_on_the_same_seeds(wor
         "table": "methods", "train": {"stage": "train_spo", "set": ["train.output_dir={run}"]},
         "compare": {"stage": "evaluate", "lora": "{run}/lora", "set": ["output_dir={root}/compare"]},
         "variants": {"d3po": {"stage": "train_d3po"}, "spo": []}, "efficiency_reference": "d3po",
+        "contrasts": ["spo - d3po"],
         "paper": "| method | PickScore |\n|---|---|\n| SPO | 21.43 |"})
 
     df = run_ablation(spec)
@@ -265,6 +266,8 @@ def test_method_table_compares_every_variant_with_the_base_on_the_same_seeds(wor
     assert df.loc[1, "efficiency.unet_evals_to_reference"] <= df.loc[1, "efficiency.unet_evals"]
     report = (workdir / "reports/methods.md").read_text()
     assert "## Evaluation (paired" in report and "## Training efficiency" in report and "21.43" in report
+    # One seed per variant: the contrast has its interval over prompts only, and is not called.
+    assert re.search(r"\| spo - d3po +\| brightness +\| +1 +\| +2 +\| [+-]\d\.\d{4} +\| n/a +\| \[.*\] +\| no ", report)
     assert (workdir / "reports/methods_efficiency.png").stat().st_size > 1000
     assert (workdir / "artifacts/ablations/methods/compare/summary.csv").exists()
     runs = tracked()
