@@ -130,6 +130,18 @@ def test_spo_branches_on_the_flow_grid_once_the_next_time_is_below_kappa():
     assert sorted(set(pairs.t.tolist()), reverse=True) == ts[first:].tolist()  # one segment per step from there
     # each segment's end is scored at its own time on the 0..1000 scale, the last one at 0 (the image)
     assert [float(s[0]) for s in scorer.seen] == pytest.approx([*(prevs[first:-1] * 1000).tolist(), 0.0])
+    # With a look-ahead every candidate is scored as an image (t = 0), by its ODE continuation: the
+    # winner's score is the mean of the image its continuation decodes to.
+    from spo_core.rollouts import deterministic_x0
+
+    scorer.seen.clear()
+    ahead = cfg.model_copy(update={"lookahead": 2})
+    pairs, _ = spo_sample(policy, policy.encode_prompts(["a", "b"]), scorer, ahead, RowRNG([1, 2]))
+    assert all(float(s.abs().max()) == 0 for s in scorer.seen) and len(scorer.seen) == 6 - first
+    r = int(((pairs.order == first) & (pairs.prompt_index == 0)).nonzero()[0, 0])
+    x0 = deterministic_x0(policy, pairs.x_prev_w[r:r + 1], first + 1, ts, prevs, policy.encode_prompts(["a"]), 2, 3.5)
+    assert torch.isfinite(x0).all()
+    torch.testing.assert_close(pairs.score_w[r:r + 1], policy.decode(x0).mean(dim=(1, 2, 3)).float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
