@@ -497,13 +497,14 @@ def seed_summary(spec: AblationSpec, df: pd.DataFrame) -> pd.DataFrame | None:
 
 def contrasts_of(spec: AblationSpec, scores_path: Path, names: list[str]) -> pd.DataFrame:
     """The spec's contrasts on the joint evaluation's item scores (only the variants that ran)."""
-    from .contrasts import COLUMNS, KEYS, contrast_table, parse_contrast
+    from .contrasts import COLUMNS, contrast_table, parse_contrast
+    from .evaluation import ITEM_KEYS
 
     wanted = [c for c in spec.contrasts if all(r in names for v in parse_contrast(c) for r in spec.runs_of(v))]
     if not wanted:
         return pd.DataFrame(columns=COLUMNS)
     scores = pd.read_parquet(scores_path)
-    columns = [c for c in scores.columns if c not in (*KEYS, "seed") and pd.api.types.is_numeric_dtype(scores[c])]
+    columns = [c for c in scores.columns if c not in (*ITEM_KEYS, "seed") and pd.api.types.is_numeric_dtype(scores[c])]
     return contrast_table(scores, wanted, spec.runs_of, columns)
 
 

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .evaluation import _aligned
 from .stats import mean_ci
 
-KEYS = ["prompt_idx", "image_idx"]
 COLUMNS = ["contrast", "scorer", "seeds", "prompts", "diff", "seeds_ci_low", "seeds_ci_high",
            "prompts_ci_low", "prompts_ci_high", "excludes_zero"]
 
@@ -37,10 +37,10 @@ def parse_contrast(text: str) -> tuple[str, str]:
 
 
 def _item_scores(scores: pd.DataFrame, model: str, column: str) -> pd.Series:
-    part = scores[scores["model"] == model]
+    part = _aligned(scores, model)
     if part.empty:
         raise ValueError(f"no scores for model '{model}' in the joint evaluation: rerun the ablation's compare step")
-    return part.set_index(KEYS)[column].sort_index()
+    return part[column]
 
 
 def seed_paired_contrast(scores: pd.DataFrame, a_runs: Sequence[str], b_runs: Sequence[str], column: str,

@@ -91,10 +91,10 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
     main = RowRNG(seeds)
     branch = RowRNG([s + 7919 for s in seeds])  # the branches' noise never perturbs the main path
 
-    def step(x, i, c, rng, r):
+    def step(x, i, c, rng, r, eps=None):
         n = x.shape[0]
         t = _full(ts[i], n, dev, ts.dtype)
-        eps = policy.predict(x, t, c, guidance_scale)
+        eps = policy.predict(x, t, c, guidance_scale) if eps is None else eps
         return proc.step(x, eps, t, _full(prevs[i], n, dev, ts.dtype), eta, noise=rng.randn(r, shape, dev, dt))[0]
 
     out: list[StepFidelity] = []
@@ -102,9 +102,11 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
     for i in range(num_steps):
         if i in steps:
             cand = step(x.repeat_interleave(k, 0), i, cond_k, branch, rows_k)
+            eps_next = None  # the candidates' prediction at the next time, shared by every use below
             if i + 1 < num_steps:
                 t_next = _full(ts[i + 1], P * k, dev, ts.dtype)
-                x0 = proc.x0(cand, t_next, policy.predict(cand, t_next, cond_k, guidance_scale))
+                eps_next = policy.predict(cand, t_next, cond_k, guidance_scale)
+                x0 = proc.x0(cand, t_next, eps_next)
                 t_score = proc.on_1000(t_next)
             else:
                 x0, t_score = cand, proc.on_1000(_full(0, P * k, dev, ts.dtype))
@@ -114,12 +116,13 @@ def step_label_fidelity(policy, prompts: list[str], seeds: list[int], step_score
                 scores = dict(zip(step_scorers, table.cpu().view(P, k, -1).unbind(dim=2)))
             at_0 = proc.on_1000(_full(0, P * k, dev, ts.dtype))
             if lookahead > 0 and step_scorers:  # each step scorer on the continuation, at t = 0
-                ahead = deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale)
+                ahead = deterministic_x0(policy, cand, i + 1, ts, prevs, cond_k, lookahead, guidance_scale,
+                                         eps_first=eps_next)
                 table = decode_and_score(policy, _Together(step_scorers), ahead, prompts_k, at_0, decode_batch_size)
                 scores.update(zip([f"{n}@la{lookahead}" for n in step_scorers], table.cpu().view(P, k, -1).unbind(dim=2)))
             c = cand
             for j in range(i + 1, num_steps):
-                c = step(c, j, cond_k, branch, rows_k)
+                c = step(c, j, cond_k, branch, rows_k, eps_next if j == i + 1 else None)
             final = decode_and_score(policy, final_scorer, c, prompts_k, at_0, decode_batch_size).cpu().view(P, k)
             scores["ceiling"] = final
             for name, sc in scores.items():
